@@ -1,0 +1,58 @@
+"""Exceptions and exit codes of forwarder.
+
+Library exceptions (websocket-client, redis-py, OSError) are translated into these where they
+leave our wrapper code, with a message that never contains the token.
+
+    ForwarderError
+    ├── ConfigError            invalid configuration or unreadable secret
+    ├── SubscriberError        one WebSocket connection failed
+    │   ├── HandshakeRejected  the upgrade was answered with an HTTP status (401, 5xx…)
+    │   └── ConnectFailed      no HTTP answer at all (refused, timeout, TLS, DNS)
+    └── SinkError              a Redis write failed
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes; systemd's RestartPreventExitStatus= names CONFIG."""
+
+    OK = 0
+    FAILURE = 1  # an unexpected error: worth a restart
+    CONFIG = 2  # bad configuration or secret: a restart cannot help
+    STARTUP = 3  # a resource could not be set up (metrics port in use…)
+    FORCED = 130  # a second SIGINT/SIGTERM: the operator asked for an immediate exit
+
+
+class ForwarderError(Exception):
+    """Base class of every error forwarder raises on purpose."""
+
+
+class ConfigError(ForwarderError):
+    """The configuration or a secret it names is invalid; the message says which key and why."""
+
+
+class SubscriberError(ForwarderError):
+    """A WebSocket subscription failed; carries no URL with a token."""
+
+
+class HandshakeRejected(SubscriberError):
+    """The server answered the upgrade request with a non-101 HTTP status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"handshake rejected with HTTP {status}")
+        self.status = status
+
+
+class ConnectFailed(SubscriberError):
+    """The connection failed before any HTTP status was received."""
+
+
+class SinkError(ForwarderError):
+    """A Redis write failed; ``kind`` is the bounded error class used as a metric label."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -1,0 +1,162 @@
+"""Every Prometheus metric forwarder exports, in one place.
+
+The values live in `stats` objects written lock-free by their owning threads; this collector
+turns them into metric families at scrape time. Every per-subscription series exists from the
+start (value 0), so alerts see zero rather than absence.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from forwarder import __version__
+from forwarder.stats import LATENCY_BUCKETS, State, SubscriptionStats, WriterStats
+
+LABELS = ("source", "event")
+
+
+class ForwarderCollector(Collector):
+    """Reads the shared stats on each scrape. Thread-safe (reads only)."""
+
+    def __init__(
+        self,
+        subscriptions: Callable[[], Sequence[SubscriptionStats]],
+        writer: WriterStats,
+        buffer_pending: Callable[[], tuple[int, int]],
+    ) -> None:
+        self._subscriptions = subscriptions
+        self._writer = writer
+        self._buffer_pending = buffer_pending
+
+    def collect(self) -> Iterable[Metric]:
+        subs = list(self._subscriptions())
+
+        def counter(name: str, doc: str, attr: str) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=LABELS)
+            for s in subs:
+                family.add_metric(s.labels, getattr(s, attr))
+            return family
+
+        def labelled(name: str, doc: str, attr: str, label: str) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=(*LABELS, label))
+            for s in subs:
+                for value, count in list(getattr(s, attr).items()):
+                    family.add_metric((*s.labels, value), count)
+            return family
+
+        yield counter(
+            "forwarder_messages_received",
+            "WebSocket data frames received, before any validation.",
+            "received",
+        )
+        yield counter(
+            "forwarder_messages_forwarded",
+            "Frames whose XADD Redis confirmed (dead-lettered frames are not counted).",
+            "forwarded",
+        )
+        yield counter(
+            "forwarder_reconnects",
+            "Connection attempts made after a connection was lost or an attempt failed.",
+            "reconnects",
+        )
+        yield counter(
+            "forwarder_messages_dropped",
+            "Frames refused because the in-memory buffer was full (see buffer.max_bytes).",
+            "dropped",
+        )
+        yield labelled(
+            "forwarder_close_codes",
+            "Connections ended, by close code (4xxx for application codes, 1006 when dropped).",
+            "close_codes",
+            "code",
+        )
+        yield labelled(
+            "forwarder_handshake_failures",
+            "Failed upgrade attempts by HTTP status ('error' when no status was received).",
+            "handshake_failures",
+            "status",
+        )
+        yield labelled(
+            "forwarder_invalid_messages",
+            "Frames that were not a JSON object or array, sent to the dead-letter stream.",
+            "invalid",
+            "reason",
+        )
+        connected = GaugeMetricFamily(
+            "forwarder_connected", "1 while the subscription is connected.", labels=LABELS
+        )
+        last = GaugeMetricFamily(
+            "forwarder_last_message_timestamp_seconds",
+            "Unix time of the last data frame received (0 if none yet).",
+            labels=LABELS,
+        )
+        latency = HistogramMetricFamily(
+            "forwarder_forward_latency_seconds",
+            "Time from receiving a frame to Redis confirming its XADD.",
+            labels=LABELS,
+        )
+        for s in subs:
+            connected.add_metric(s.labels, 1.0 if s.state is State.CONNECTED else 0.0)
+            last.add_metric(s.labels, s.last_message_at or 0.0)
+            counts = list(s.latency.counts)
+            buckets: list[tuple[str, float]] = []
+            running = 0
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                running += count
+                buckets.append((_bound(bound), running))
+            latency.add_metric(s.labels, buckets, s.latency.sum)
+        yield connected
+        yield last
+        yield latency
+
+        errors = CounterMetricFamily(
+            "forwarder_redis_errors", "Failed Redis calls by error class.", labels=("kind",)
+        )
+        for kind, count in list(self._writer.errors.items()):
+            errors.add_metric((kind,), count)
+        yield errors
+
+        messages, nbytes = self._buffer_pending()
+        yield GaugeMetricFamily(
+            "forwarder_buffer_pending_messages",
+            "Frames received but not yet confirmed by Redis.",
+            value=messages,
+        )
+        yield GaugeMetricFamily(
+            "forwarder_buffer_bytes", "Payload bytes of the pending frames.", value=nbytes
+        )
+        age = self._writer.last_ok_at
+        yield GaugeMetricFamily(
+            "forwarder_redis_last_success_age_seconds",
+            "Seconds since Redis last answered the writer (-1 before the first answer).",
+            value=-1.0 if age is None else max(0.0, time.monotonic() - age),
+        )
+        info = GaugeMetricFamily(
+            "forwarder_build_info", "Version of forwarder.", labels=("version",)
+        )
+        info.add_metric((__version__,), 1.0)
+        yield info
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
+
+
+def build_registry(collector: ForwarderCollector) -> CollectorRegistry:
+    """A fresh registry with forwarder's metrics and the process collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    # process_resident_memory_bytes, process_cpu_seconds_total, open fds: the numbers an
+    # operator of hundreds of instances checks first.
+    ProcessCollector(registry=registry)
+    return registry

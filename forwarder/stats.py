@@ -1,0 +1,105 @@
+"""Live counters shared by the threads, read by /metrics and /status.
+
+Each field has exactly one writing thread (named in the comments); other threads only read.
+Under the GIL a read of an int or a reference is atomic, so no locks are needed and the hot
+path (one subscriber thread per subscription, one writer thread) pays nothing for metrics.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass, field
+
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+
+
+class State(enum.Enum):
+    """Where a subscription is in its connect/read/backoff cycle."""
+
+    STARTING = "starting"
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    BACKOFF = "backoff"
+    STOPPED = "stopped"
+
+
+class LatencyHistogram:
+    """Cumulative-bucket histogram written by one thread (no lock, unlike prometheus_client's)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # last slot: +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    def observe_many(self, seconds: float, count: int) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += count
+        self.sum += seconds * count
+
+
+@dataclass(eq=False)
+class SubscriptionStats:
+    """Counters of one (source, event) subscription."""
+
+    source: str
+    event: str
+    stream: str
+    # Written by the subscriber thread.
+    state: State = State.STARTING
+    received: int = 0
+    received_bytes: int = 0
+    reconnects: int = 0
+    dropped: int = 0  # frames refused because the buffer was full
+    close_codes: dict[str, int] = field(default_factory=lambda: {"1006": 0})
+    handshake_failures: dict[str, int] = field(default_factory=lambda: {"401": 0})
+    connected_since: float | None = None  # unix time
+    last_message_at: float | None = None  # unix time of the last data frame
+    last_close_code: str | None = None
+    last_handshake_status: str | None = None
+    last_error: str | None = None  # redacted, human-readable
+    next_attempt_at: float | None = None  # unix time, while in BACKOFF
+    # Written by the writer thread.
+    forwarded: int = 0
+    lost: int = 0  # refused by Redis, and so was the dead-letter entry
+    invalid: dict[str, int] = field(default_factory=dict)  # reason -> frames dead-lettered
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+
+    @property
+    def labels(self) -> tuple[str, str]:
+        return (self.source, self.event)
+
+
+@dataclass(eq=False)
+class WriterStats:
+    """Counters of the Redis writer; written by the writer thread only."""
+
+    errors: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            ("connection", "timeout", "oom", "readonly", "loading", "busy", "noperm", "other"), 0
+        )
+    )
+    last_ok_at: float | None = None  # monotonic time of the last successful Redis reply
+    last_error: str | None = None
+    batches: int = 0

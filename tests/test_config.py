@@ -1,0 +1,130 @@
+"""Configuration loading: defaults, environment, and a precise error for every mistake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from forwarder.config import load_config
+from forwarder.errors import ConfigError
+from forwarder.events import SENT_EVENTS
+
+TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJpbnN0YW5jZU5hbWUiOiJtYWluIn0.c2lnbmF0dXJl"
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    path = tmp_path / "f.toml"
+    path.write_text(body.replace("TOKEN_FILE", str(tmp_path / "token")))
+    return path
+
+
+SOURCE = """
+[[sources]]
+name = "main"
+url = "ws://127.0.0.1:8084/ws/events"
+token_file = "TOKEN_FILE"
+"""
+
+
+def test_defaults_subscribe_to_the_13_sent_events(tmp_path: Path) -> None:
+    """Without `events`, a source subscribes to the 13 events the upstream really sends."""
+    config = load_config(write(tmp_path, SOURCE), {})
+    assert [s.event for s in config.subscriptions()] == list(SENT_EVENTS)
+    assert len(SENT_EVENTS) == 13
+    assert config.subscriptions()[0].stream == "qrcode.updated"
+    assert config.subscriptions()[0].dead_letter_stream == "qrcode.updated:dlq"
+    assert config.redis.url == "redis://127.0.0.1:6379/0"
+    assert config.metrics.listen == "127.0.0.1:9108"
+    assert config.redis.maxlen is None
+
+
+def test_token_file_is_read_again_on_each_call(tmp_path: Path) -> None:
+    """A rotated token file is picked up by the next connection attempt."""
+    config = load_config(write(tmp_path, SOURCE), {})
+    other = TOKEN.replace("c2lnbmF0dXJl", "b3RoZXI")
+    (tmp_path / "token").write_text(other)
+    assert config.sources[0].token.read().reveal() == other
+
+
+def test_environment_quick_start(tmp_path: Path) -> None:
+    """FORWARDER_URL/TOKEN/EVENTS alone define a source named `default`."""
+    env = {
+        "FORWARDER_URL": "ws://10.0.0.1:8084/ws/events",
+        "FORWARDER_TOKEN": TOKEN,
+        "FORWARDER_EVENTS": "messages.upsert, connection.update",
+        "FORWARDER_REDIS_URL": "redis://127.0.0.1:6380/2",
+        "FORWARDER_METRICS_LISTEN": "127.0.0.1:9200",
+    }
+    config = load_config(None, env)
+    assert [(s.source.name, s.event) for s in config.subscriptions()] == [
+        ("default", "messages.upsert"),
+        ("default", "connection.update"),
+    ]
+    assert config.redis.url == "redis://127.0.0.1:6380/2"
+    assert config.metrics.port == 9200
+
+
+def test_environment_overrides_the_file(tmp_path: Path) -> None:
+    """FORWARDER_REDIS_URL wins over [redis] url; FORWARDER_CONFIG names the file."""
+    path = write(tmp_path, '[redis]\nurl = "redis://a:6379/0"\n' + SOURCE)
+    config = load_config(None, {"FORWARDER_CONFIG": str(path), "FORWARDER_REDIS_URL": "redis://b/1"})
+    assert config.redis.url == "redis://b/1"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (SOURCE + 'events = ["messaging-history.set"]\n', "Baileys event name"),
+        (SOURCE + 'events = ["nope.event"]\n', "unknown event 'nope.event'"),
+        (SOURCE + 'events = ["call.upsert", "call.upsert"]\n', "listed twice"),
+        (SOURCE + 'stream = "{instance}"\n', "unknown placeholder {instance}"),
+        (SOURCE + "ping_interval = -1\n", "ping_interval must be at least"),
+        (SOURCE + 'colour = "blue"\n', "unknown key 'sources[0].colour'"),
+        (SOURCE.replace("ws://", "http://"), "expected a ws:// or wss:// URL"),
+        (SOURCE.replace("/ws/events", "/ws/events?token=abc"), "put no query in the URL"),
+        (SOURCE + SOURCE, "the name 'main' is used twice"),
+        (
+            SOURCE + SOURCE.replace('"main"', '"other"'),
+            "stream key 'qrcode.updated' is the stream of source 'other'",
+        ),
+        ("[redis]\nurl = 'http://x'\n" + SOURCE, "redis.url: expected redis://"),
+        ("[metrics]\nlisten = 'nowhere'\n" + SOURCE, "metrics.listen: expected HOST:PORT"),
+        ("[redis]\nmaxlen = 0\n" + SOURCE, "redis.maxlen must be at least 1"),
+        ("", "no sources configured"),
+        ("this is = = not toml", "invalid TOML"),
+    ],
+)
+def test_invalid_configurations_are_refused_with_a_precise_message(
+    tmp_path: Path, body: str, message: str
+) -> None:
+    """Each mistake gets a ConfigError naming the key and the reason."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, body), {})
+    assert message in str(info.value)
+
+
+def test_missing_token_file_is_refused_without_leaking(tmp_path: Path) -> None:
+    """An unreadable token file is a config error naming the file, not the token."""
+    path = write(tmp_path, SOURCE)
+    (tmp_path / "token").unlink()
+    with pytest.raises(ConfigError, match="cannot read token file"):
+        load_config(path, {})
+
+
+def test_token_that_is_not_a_jwt_is_refused(tmp_path: Path) -> None:
+    """The upstream only accepts JWTs; anything else fails at start, not with 401 storms."""
+    path = write(tmp_path, SOURCE)
+    (tmp_path / "token").write_text("not-a-jwt")
+    with pytest.raises(ConfigError, match="not a JWT") as info:
+        load_config(path, {})
+    assert "not-a-jwt" not in str(info.value)
+
+
+def test_redacted_view_hides_every_secret(tmp_path: Path) -> None:
+    """check-config's view has no token and no Redis password."""
+    path = write(tmp_path, '[redis]\nurl = "redis://user:hunter2@h:6379/0"\n' + SOURCE)
+    text = repr(load_config(path, {}).redacted()) + repr(load_config(path, {}))
+    assert TOKEN not in text
+    assert "hunter2" not in text
