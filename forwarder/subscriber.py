@@ -13,7 +13,6 @@ give up when neither a pong nor any other byte arrives within `ping_timeout`.
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import logging
 import socket
 import threading

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import redis
 
@@ -89,3 +90,11 @@ def _pings(client: redis.Redis) -> bool:
         return bool(client.ping())
     except redis.RedisError:
         return False
+
+
+Entries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+def xrange(client: redis.Redis, key: str) -> Entries:
+    """All entries of a stream, typed (redis-py's hints allow None everywhere)."""
+    return cast(Entries, client.xrange(key))

@@ -17,7 +17,7 @@ import redis
 from forwarder.errors import ExitCode
 from forwarder.simulator import Simulator, mint_token
 from tests.conftest import SECRET
-from tests.helpers import RedisServer, free_port, wait_for
+from tests.helpers import RedisServer, free_port, wait_for, xrange
 
 
 def write_config(tmp_path: Path, sim: Simulator, redis_url: str, events: list[str]) -> Path:
@@ -61,7 +61,7 @@ def metrics_port(config: Path) -> int:
 
 
 def fetch(port: int, path: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
         return str(r.read().decode())
 
 
@@ -85,7 +85,7 @@ def test_sigterm_drains_everything_received_and_exits_0(
     simulator.set_rate("messages.upsert", 0.0)
     wait_for(lambda: simulator.stats()["connections_open"] == 0, 5, "socket closed")
     delivered = simulator.stats()["slots"]["main"]["messages.upsert"]["delivered"]
-    frames = [f[b"data"] for _, f in redis_client.xrange("messages.upsert")]
+    frames = [f[b"data"] for _, f in xrange(redis_client, "messages.upsert")]
     assert frames == simulator.delivered_frames("main", "messages.upsert")
     assert len(frames) == delivered
     assert "stopped" in err
@@ -95,7 +95,8 @@ def test_second_signal_exits_at_once(
     tmp_path: Path, simulator: Simulator, redis_server: RedisServer
 ) -> None:
     """With Redis unreachable the drain would wait; a second SIGTERM exits immediately."""
-    config = write_config(tmp_path, simulator, f"redis://127.0.0.1:{free_port()}/0", ["call.upsert"])
+    nowhere = f"redis://127.0.0.1:{free_port()}/0"
+    config = write_config(tmp_path, simulator, nowhere, ["call.upsert"])
     proc = forwarder("run", "--config", str(config))
     try:
         wait_for(lambda: simulator.stats()["connections_open"] == 1, 15, "connected")

@@ -69,7 +69,9 @@ def test_environment_quick_start(tmp_path: Path) -> None:
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     """FORWARDER_REDIS_URL wins over [redis] url; FORWARDER_CONFIG names the file."""
     path = write(tmp_path, '[redis]\nurl = "redis://a:6379/0"\n' + SOURCE)
-    config = load_config(None, {"FORWARDER_CONFIG": str(path), "FORWARDER_REDIS_URL": "redis://b/1"})
+    config = load_config(
+        None, {"FORWARDER_CONFIG": str(path), "FORWARDER_REDIS_URL": "redis://b/1"}
+    )
     assert config.redis.url == "redis://b/1"
 
 

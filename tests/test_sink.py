@@ -16,7 +16,7 @@ from forwarder.sink import RedisWriter, make_client
 from forwarder.spool import Entry, MemorySpool
 from forwarder.stats import SubscriptionStats, WriterStats
 from tests.conftest import ConfigFactory
-from tests.helpers import RedisServer, wait_for
+from tests.helpers import RedisServer, wait_for, xrange
 
 
 class Harness:
@@ -62,7 +62,7 @@ def test_entries_have_exactly_the_four_fields_in_arrival_order(
     harness.put(0, payloads)
     harness.writer.start()
     wait_for(lambda: harness.stats[0].forwarded == 500, what="500 forwarded")
-    entries = redis_client.xrange("main:messages.upsert")
+    entries = xrange(redis_client, "main:messages.upsert")
     assert [fields[b"data"] for _, fields in entries] == payloads
     assert entries[0][1] == {
         b"data": payloads[0],
@@ -101,8 +101,8 @@ def test_invalid_frames_go_to_the_dead_letter_stream_and_the_rest_flow(
     assert harness.spool.append([Entry(0, Opcode.TEXT, big, 1.5)], 10)
     harness.writer.start()
     wait_for(lambda: sum(harness.stats[0].invalid.values()) == 3, what="3 dead letters")
-    assert [f[b"data"] for _, f in redis_client.xrange("main:messages.upsert")] == [b"[1]", b"[2]"]
-    dead = [f for _, f in redis_client.xrange("main:messages.upsert:dlq")]
+    assert [f[b"data"] for _, f in xrange(redis_client, "main:messages.upsert")] == [b"[1]", b"[2]"]
+    dead = [f for _, f in xrange(redis_client, "main:messages.upsert:dlq")]
     assert [d[b"reason"] for d in dead] == [b"invalid_json", b"binary", b"too_large"]
     assert base64.b64decode(dead[0][b"data_base64"]) == b"{oops"
     assert dead[2][b"size"] == b"99999999"
@@ -122,7 +122,7 @@ def test_an_entry_redis_refuses_is_dead_lettered_without_blocking_others(
     harness.writer.start()
     wait_for(lambda: harness.stats[0].invalid.get("redis_rejected") == 1, what="dead letter")
     assert redis_client.xlen("main:chats.upsert") == 1
-    (_, dead), *_ = redis_client.xrange("main:messages.upsert:dlq")
+    (_, dead), *_ = xrange(redis_client, "main:messages.upsert:dlq")
     assert dead[b"reason"] == b"redis_rejected"
     assert b"WRONGTYPE" in dead[b"error"]
 
