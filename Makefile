@@ -4,14 +4,21 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
+PY_DIRS := forwarder tests scripts $(wildcard bench)
 
-.PHONY: help run test check style bench clean redis-server install-dev
+PREFIX  ?= /opt/forwarder
+DESTDIR ?=
+
+.PHONY: help run test check style bench soak clean redis-server test-tools install-dev install uninstall
 
 help:
 	@echo "make run     start redis, the upstream simulator and forwarder; live view until Ctrl-C"
 	@echo "make test    run the test suite against a real redis-server and the simulator"
 	@echo "make check   ruff format --check, ruff check, mypy --strict"
 	@echo "make style   apply ruff's fixes and formatting"
+	@echo "make bench   throughput/latency/scale benchmarks (writes bench/results/latest.json)"
+	@echo "make soak    ~10 minutes of traffic with Redis faults; prints sent/written/lost"
+	@echo "make install PREFIX=/opt/forwarder DESTDIR=  venv, systemd unit, example config"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,32 +28,53 @@ $(STAMP): pyproject.toml
 
 install-dev: $(STAMP)
 
-# Tests and the demo need a real redis-server. Install it when missing and we are root
-# (CI, containers); otherwise say what to do.
-redis-server:
-	@command -v redis-server >/dev/null 2>&1 || { \
+# Tests and the demo need real programs. Install what is missing when we are root and have
+# apt-get (CI, containers); otherwise say what to do. $(1): command, $(2): Debian package.
+define need
+	@command -v $(1) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing redis-server with apt-get"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; \
+	    echo "installing $(2) with apt-get (for $(1))"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2) >/dev/null; \
 	  else \
-	    echo "redis-server is missing: install it (Debian/Ubuntu: sudo apt-get install redis-server)" >&2; \
+	    echo "$(1) is missing: install it (Debian/Ubuntu: sudo apt-get install $(2))" >&2; \
 	    exit 1; \
 	  fi; }
+endef
+
+redis-server:
+	$(call need,redis-server,redis-server)
+
+# promtool (alert rule tests) and systemd-analyze (unit checks) for the deploy tests.
+test-tools: redis-server
+	$(call need,promtool,prometheus)
+	$(call need,systemd-analyze,systemd)
 
 run: $(STAMP) redis-server
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP) redis-server
+test: $(STAMP) test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+bench: $(STAMP) redis-server
+	$(BIN)/python -m bench.run
+
+soak: $(STAMP) redis-server
+	$(BIN)/python -m bench.soak
+
+install:
+	PREFIX=$(PREFIX) DESTDIR=$(DESTDIR) PYTHON=$(PYTHON) sh scripts/install.sh
+
+uninstall:
+	PREFIX=$(PREFIX) DESTDIR=$(DESTDIR) sh scripts/uninstall.sh
+
 check: $(STAMP)
-	$(BIN)/ruff format --check forwarder tests scripts
-	$(BIN)/ruff check forwarder tests scripts
-	$(BIN)/mypy forwarder tests scripts
+	$(BIN)/ruff format --check $(PY_DIRS)
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/mypy $(PY_DIRS)
 
 style: $(STAMP)
-	$(BIN)/ruff check --fix forwarder tests scripts
-	$(BIN)/ruff format forwarder tests scripts
+	$(BIN)/ruff check --fix $(PY_DIRS)
+	$(BIN)/ruff format $(PY_DIRS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

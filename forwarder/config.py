@@ -25,6 +25,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9108"
 DEFAULT_STREAM = "{event}"
 DEFAULT_DEAD_LETTER = "{stream}:dlq"
+DEFAULT_GAP_STREAM = "forwarder:gaps"
 ENV_SOURCE_NAME = "default"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -127,6 +128,7 @@ class RedisConfig:
     url: str = field(default=DEFAULT_REDIS_URL, repr=False)  # may hold a password
     maxlen: int | None = None
     dead_letter_stream: str = DEFAULT_DEAD_LETTER
+    gap_stream: str = DEFAULT_GAP_STREAM  # one stream for the blind intervals of all subscriptions
     socket_timeout: float = 5.0
     batch_max: int = 1000
 
@@ -199,6 +201,7 @@ class Config:
                 "url": redact_url(self.redis.url),
                 "maxlen": self.redis.maxlen,
                 "dead_letter_stream": self.redis.dead_letter_stream,
+                "gap_stream": self.redis.gap_stream,
                 "socket_timeout": self.redis.socket_timeout,
                 "batch_max": self.redis.batch_max,
             },
@@ -337,6 +340,7 @@ def _parse_redis(t: _Table) -> RedisConfig:
         url=t.string("url", DEFAULT_REDIS_URL),
         maxlen=maxlen,
         dead_letter_stream=dlq,
+        gap_stream=t.string("gap_stream", DEFAULT_GAP_STREAM),
         socket_timeout=t.number("socket_timeout", 5.0, minimum=0.1),
         batch_max=t.integer("batch_max", 1000, minimum=1) or 1000,
     )
@@ -482,7 +486,7 @@ def _check_unique(config: Config) -> None:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"sources: the name {name!r} is used twice")
-    owner: dict[str, str] = {}
+    owner: dict[str, str] = {config.redis.gap_stream: "gap stream (redis.gap_stream)"}
     for sub in config.subscriptions():
         for key, what in ((sub.stream, "stream"), (sub.dead_letter_stream, "dead-letter stream")):
             label = f"{what} of source {sub.source.name!r} event {sub.event!r}"

@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import orjson
 import redis
 import redis.exceptions as rex
 from redis.backoff import NoBackoff
@@ -28,7 +29,7 @@ from forwarder.config import RedisConfig, Subscription
 from forwarder.decode import invalid_reason
 from forwarder.errors import SinkError
 from forwarder.frames import Oversized
-from forwarder.spool import Entry, MemorySpool, entry_size
+from forwarder.spool import GAP, Entry, MemorySpool, entry_size
 from forwarder.stats import SubscriptionStats, WriterStats
 
 log = logging.getLogger(__name__)
@@ -293,37 +294,45 @@ class RedisWriter:
         args: list[bytes | str | int] = [offset, HWM_TTL_SECONDS, self._maxlen]
         invalid: dict[int, str] = {}
         for n, entry in enumerate(batch):
-            sub = self._subs[entry.subscription]
-            received_ms = int(entry.received_at * 1000)
-            error = rejected.get(n)
-            reason = "redis_rejected" if error else invalid_reason(entry.opcode, entry.payload)
-            if reason is None:
-                stream = sub.stream
-                assert isinstance(entry.payload, bytes)
-                fields: list[bytes | str | int] = [
-                    "data",
-                    entry.payload,
-                    "event",
-                    sub.event,
-                    "source",
-                    sub.source.name,
-                    "received_at",
-                    received_ms,
-                ]
-                trim = "1"
-            else:
+            stream, trim, fields, reason = self._route(entry, rejected.get(n))
+            if reason is not None:
                 invalid[n] = reason
-                stream = sub.dead_letter_stream
-                fields = dead_letter_fields(sub, entry, reason, received_ms)
-                if error:
-                    fields += ["error", error]
-                trim = "0"
             key_index = index.get(stream)
             if key_index is None:
                 keys.append(stream)
                 key_index = index[stream] = len(keys)
             args += [key_index, trim, len(fields), *fields]
         return keys, args, invalid
+
+    def _route(
+        self, entry: Entry, error: str | None
+    ) -> tuple[str, str, list[bytes | str | int], str | None]:
+        """Where an entry goes: (stream, trim flag, fields, dead-letter reason or None)."""
+        sub = self._subs[entry.subscription]
+        if error is not None:  # Redis refused it once: dead-letter it with the error
+            reason: str | None = "redis_rejected"
+        elif entry.opcode == GAP:
+            return self._config.gap_stream, "0", gap_fields(sub, entry), None
+        else:
+            reason = invalid_reason(entry.opcode, entry.payload)
+        received_ms = int(entry.received_at * 1000)
+        if reason is None:
+            assert isinstance(entry.payload, bytes)
+            fields: list[bytes | str | int] = [
+                "data",
+                entry.payload,
+                "event",
+                sub.event,
+                "source",
+                sub.source.name,
+                "received_at",
+                received_ms,
+            ]
+            return sub.stream, "1", fields, None
+        fields = dead_letter_fields(sub, entry, reason, received_ms)
+        if error is not None:
+            fields += ["error", error]
+        return sub.dead_letter_stream, "0", fields, reason
 
     def _account(
         self, offset: int, batch: list[Entry], invalid: dict[int, str], reply: object
@@ -336,6 +345,9 @@ class RedisWriter:
             stats = self._stats[entry.subscription]
             if n in failed:
                 rejected.append((entry, failed[n]))
+                continue
+            if entry.opcode == GAP:
+                stats.gaps_recorded += 1
                 continue
             reason = invalid.get(n)
             if reason is not None:
@@ -383,6 +395,20 @@ def dead_letter_fields(
         ]
     else:
         fields += ["size", len(payload), "truncated", 0, "data_base64", base64.b64encode(payload)]
+    return fields
+
+
+def gap_fields(sub: Subscription, entry: Entry) -> list[bytes | str | int]:
+    """The fields of a gap record: source, event, then the record's own (start, end, cause…)."""
+    fields: list[bytes | str | int] = ["source", sub.source.name, "event", sub.event]
+    try:
+        record = orjson.loads(entry.payload) if isinstance(entry.payload, bytes) else {}
+    except orjson.JSONDecodeError:
+        record = {}
+    if not isinstance(record, dict):
+        record = {}
+    for key, value in record.items():
+        fields += [str(key), value if isinstance(value, int | str) else orjson.dumps(value)]
     return fields
 
 

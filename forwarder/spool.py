@@ -17,9 +17,14 @@ from typing import NamedTuple
 
 from forwarder.frames import Oversized
 
+# An internal opcode (outside RFC 6455's 4 bits) for a gap record: an interval in which a
+# subscription was not receiving. Its payload is a JSON object of the record's fields; the
+# writer appends it to the gap stream, ordered with the frames of its subscription.
+GAP = 0x100
+
 
 class Entry(NamedTuple):
-    """One received frame, as the subscriber saw it."""
+    """One received frame (or a GAP record), as the subscriber saw it."""
 
     subscription: int  # index into the daemon's subscription list
     opcode: int

@@ -83,6 +83,7 @@ class SubscriptionStats:
     # Written by the writer thread.
     forwarded: int = 0
     lost: int = 0  # refused by Redis, and so was the dead-letter entry
+    gaps_recorded: int = 0  # gap records written to the gap stream
     invalid: dict[str, int] = field(default_factory=dict)  # reason -> frames dead-lettered
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 

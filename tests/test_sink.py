@@ -13,7 +13,7 @@ import redis
 from forwarder.config import Config, RedisConfig
 from forwarder.frames import Opcode, Oversized
 from forwarder.sink import RedisWriter, make_client
-from forwarder.spool import Entry, MemorySpool
+from forwarder.spool import GAP, Entry, MemorySpool
 from forwarder.stats import SubscriptionStats, WriterStats
 from tests.conftest import ConfigFactory
 from tests.helpers import RedisServer, wait_for, xrange
@@ -154,3 +154,24 @@ def test_writes_wait_for_redis_to_come_back_and_lose_nothing(
         h.writer.join(5)
         client.close()
         server.stop()
+
+
+def test_gap_records_go_to_the_gap_stream_in_order_with_the_frames(
+    harness: Harness, redis_client: redis.Redis
+) -> None:
+    """A GAP entry lands in forwarder:gaps with source, event and its fields; frames flow on."""
+    record = b'{"start":1700000000000,"end":1700000005000,"cause":"close:1006"}'
+    harness.put(0, [b"[1]"])
+    assert harness.spool.append([Entry(0, GAP, record, 1_700_000_005.0)], len(record))
+    harness.put(0, [b"[2]"])
+    harness.writer.start()
+    wait_for(lambda: harness.stats[0].gaps_recorded == 1, what="gap recorded")
+    wait_for(lambda: harness.stats[0].forwarded == 2, what="frames forwarded")
+    ((_, gap),) = xrange(redis_client, "forwarder:gaps")
+    assert gap == {
+        b"source": b"main",
+        b"event": b"messages.upsert",
+        b"start": b"1700000000000",
+        b"end": b"1700000005000",
+        b"cause": b"close:1006",
+    }
