@@ -21,6 +21,7 @@ import redis
 from forwarder import __version__
 from forwarder.config import load_config
 from forwarder.errors import ConfigError, ExitCode
+from forwarder.spool import SpoolError
 
 log = logging.getLogger("forwarder")
 _PAUSE = threading.Event()  # never set: an interruptible sleep for the watch loop
@@ -80,6 +81,9 @@ def _run(ns: argparse.Namespace) -> ExitCode:
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return ExitCode.CONFIG
+    except SpoolError as exc:
+        log.error("cannot start: %s", exc)
+        return ExitCode.STARTUP
     try:
         return forwarder.run()
     except ConfigError as exc:  # e.g. the metrics port is taken

@@ -118,6 +118,16 @@ class SourceConfig:
     read_timeout: float = 30.0  # a frame started but not finished for this long: dead peer
     max_frame_bytes: int = 16 * 1024 * 1024
     backoff: Backoff = field(default_factory=Backoff)
+    # Displacement (a newer connection with the same token silently takes the feed): no data
+    # frame for this long triggers a make-before-break re-subscribe; 0 turns the watchdog off.
+    silence_timeout: float = 300.0
+    resubscribe_interval: float = 0.0  # periodic make-before-break re-subscribe; 0 = off
+    # Flapping: this many confirmed displacements within flap_window seconds mean another
+    # client keeps taking the feed; the watchdog then stands down for flap_backoff (doubling).
+    flap_threshold: int = 3
+    flap_window: float = 3600.0
+    flap_backoff: float = 3600.0
+    token_expiry_warning: float = 900.0  # WARN this long before the token's exp; 0 = never
 
     def stream_for(self, event: str) -> str:
         return self.stream.format(source=self.name, event=event)
@@ -150,10 +160,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
-class BufferConfig:
-    # Received frames not yet confirmed by Redis are held in memory up to this many bytes;
-    # past it, new frames are dropped, counted and logged at ERROR.
-    max_bytes: int = 256 * 1024 * 1024
+class SpoolConfig:
+    """The on-disk spool every received frame goes through (see spool.py)."""
+
+    dir: Path = Path("spool")
+    # At this size on disk, new frames are refused: counted in
+    # forwarder_messages_dropped_total and logged at ERROR. The policy is "keep the oldest":
+    # what is already spooled is never deleted before Redis confirms it.
+    max_bytes: int = 1024 * 1024 * 1024
+    fsync_interval: float = 0.2  # a machine crash loses at most this much; a process crash 0
+    memory_bytes: int = 64 * 1024 * 1024  # recent frames also kept in memory for the writer
 
 
 @dataclass(frozen=True)
@@ -175,7 +191,7 @@ class Config:
     sources: tuple[SourceConfig, ...]
     redis: RedisConfig = field(default_factory=RedisConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    buffer: BufferConfig = field(default_factory=BufferConfig)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
     path: Path | None = None
@@ -209,7 +225,12 @@ class Config:
                 "listen": self.metrics.listen,
                 "ready_min_connected": self.metrics.ready_min_connected,
             },
-            "buffer": {"max_bytes": self.buffer.max_bytes},
+            "spool": {
+                "dir": str(self.spool.dir),
+                "max_bytes": self.spool.max_bytes,
+                "fsync_interval": self.spool.fsync_interval,
+                "memory_bytes": self.spool.memory_bytes,
+            },
             "sources": [
                 {
                     "name": s.name,
@@ -223,6 +244,12 @@ class Config:
                     "read_timeout": s.read_timeout,
                     "max_frame_bytes": s.max_frame_bytes,
                     "backoff": {f.name: getattr(s.backoff, f.name) for f in fields(s.backoff)},
+                    "silence_timeout": s.silence_timeout,
+                    "resubscribe_interval": s.resubscribe_interval,
+                    "flap_threshold": s.flap_threshold,
+                    "flap_window": s.flap_window,
+                    "flap_backoff": s.flap_backoff,
+                    "token_expiry_warning": s.token_expiry_warning,
                 }
                 for s in self.sources
             ],
@@ -284,10 +311,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     reader = _Table(data, where, "")
     redis_cfg = _parse_redis(reader.table("redis"))
     metrics_cfg = _parse_metrics(reader.table("metrics"))
-    buffer_cfg = BufferConfig(
-        max_bytes=reader.table("buffer").integer("max_bytes", BufferConfig.max_bytes, minimum=1)
-        or BufferConfig.max_bytes
-    )
+    spool_cfg = _parse_spool(reader.table("spool"), environ)
     sources = [_parse_source(t, environ) for t in reader.tables("sources")]
     shutdown_timeout = reader.number("shutdown_timeout", 10.0, minimum=0.1)
     log_level = reader.string("log_level", "INFO").upper()
@@ -323,7 +347,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
         sources=tuple(sources),
         redis=redis_cfg,
         metrics=metrics_cfg,
-        buffer=buffer_cfg,
+        spool=spool_cfg,
         shutdown_timeout=shutdown_timeout,
         log_level=log_level,
         path=file_path,
@@ -346,6 +370,30 @@ def _parse_redis(t: _Table) -> RedisConfig:
     )
     t.finish()
     return cfg
+
+
+def _parse_spool(t: _Table, environ: Mapping[str, str]) -> SpoolConfig:
+    default = SpoolConfig()
+    directory = environ.get("FORWARDER_SPOOL_DIR") or t.optional_string("dir")
+    cfg = SpoolConfig(
+        dir=Path(directory) if directory else default_spool_dir(environ),
+        max_bytes=t.integer("max_bytes", default.max_bytes, minimum=1024 * 1024)
+        or default.max_bytes,
+        fsync_interval=t.number("fsync_interval", default.fsync_interval, minimum=0.001),
+        memory_bytes=t.integer("memory_bytes", default.memory_bytes, minimum=1024 * 1024)
+        or default.memory_bytes,
+    )
+    t.finish()
+    return cfg
+
+
+def default_spool_dir(environ: Mapping[str, str]) -> Path:
+    """$STATE_DIRECTORY/spool (systemd StateDirectory=), else the XDG state directory."""
+    state = environ.get("STATE_DIRECTORY")
+    if state:
+        return Path(state.split(":")[0]) / "spool"
+    xdg = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(xdg) / "forwarder" / "spool"
 
 
 def _parse_metrics(t: _Table) -> MetricsConfig:
@@ -406,6 +454,12 @@ def _parse_source(t: _Table, environ: Mapping[str, str]) -> SourceConfig:
         read_timeout=t.number("read_timeout", 30.0, minimum=0.1),
         max_frame_bytes=t.integer("max_frame_bytes", 16 * 1024 * 1024, minimum=1024) or 1,
         backoff=backoff,
+        silence_timeout=t.number("silence_timeout", 300.0, minimum=0.0),
+        resubscribe_interval=t.number("resubscribe_interval", 0.0, minimum=0.0),
+        flap_threshold=t.integer("flap_threshold", 3, minimum=1) or 3,
+        flap_window=t.number("flap_window", 3600.0, minimum=0.1),
+        flap_backoff=t.number("flap_backoff", 3600.0, minimum=0.1),
+        token_expiry_warning=t.number("token_expiry_warning", 900.0, minimum=0.0),
     )
     t.finish()
     return cfg

@@ -12,9 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import random
-import secrets
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +29,7 @@ from forwarder.http import HttpServer
 from forwarder.logs import redact
 from forwarder.metrics import ForwarderCollector, build_registry
 from forwarder.sink import IDLE_PING_SECONDS, RedisWriter, make_client
-from forwarder.spool import MemorySpool
+from forwarder.spool import DiskSpool, Route
 from forwarder.stats import State, SubscriptionStats, WriterStats
 from forwarder.subscriber import CLOSE_ECHO_TIMEOUT, Connector, Subscriber, websocket_connect
 
@@ -58,15 +56,24 @@ class Forwarder:
         client: redis.Redis | None = None,
         connect: Connector = websocket_connect,
         rand: Callable[[], float] = random.random,
-        writer_id: str | None = None,
     ) -> None:
         self.config = config
         self.subscriptions = config.subscriptions()
-        self.stats = [
-            SubscriptionStats(s.source.name, s.event, s.stream) for s in self.subscriptions
-        ]
         self.writer_stats = WriterStats()
-        self.spool = MemorySpool(config.buffer.max_bytes)
+        # The spool first: it may hold frames of an earlier run (even of subscriptions no
+        # longer configured); those get stats too, so /metrics shows them draining.
+        routes = [
+            Route(s.source.name, s.event, s.stream, s.dead_letter_stream)
+            for s in self.subscriptions
+        ]
+        self.spool = DiskSpool(
+            config.spool.dir,
+            routes,
+            max_bytes=config.spool.max_bytes,
+            fsync_interval=config.spool.fsync_interval,
+            cache_bytes=config.spool.memory_bytes,
+        )
+        self.stats = [SubscriptionStats(r.source, r.event, r.stream) for r in self.spool.routes]
         self.client = client if client is not None else make_client(config.redis)
         self.stop_event = threading.Event()
         self._signalled = False
@@ -86,16 +93,9 @@ class Forwarder:
             for i, sub in enumerate(self.subscriptions)
         ]
         self.writer = RedisWriter(
-            self.client,
-            self.spool,
-            self.subscriptions,
-            self.stats,
-            self.writer_stats,
-            config.redis,
-            writer_id or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}",
-            rand,
+            self.client, self.spool, self.stats, self.writer_stats, config.redis, rand
         )
-        collector = ForwarderCollector(lambda: self.stats, self.writer_stats, self.spool.pending)
+        collector = ForwarderCollector(lambda: self.stats, self.writer_stats, self.spool)
         self.registry = build_registry(collector)
         self.http = HttpServer(
             config.metrics.host,
@@ -131,6 +131,7 @@ class Forwarder:
     def start(self) -> None:
         """Bind the HTTP port and start every thread; returns at once."""
         self.http.start()
+        self.spool.start()
         self.writer.start()
         for subscriber in self.subscribers:
             subscriber.start()
@@ -161,22 +162,27 @@ class Forwarder:
             subscriber.force_stop()
         for subscriber in self.subscribers:
             subscriber.join(max(0.1, min(1.0, deadline - time.monotonic())))
-        # 3. Writer: write everything spooled; keep 0.5 s for the last steps.
+        # 3. Writer: write everything spooled; keep 0.5 s for the last steps. What Redis
+        #    does not take in time stays in the spool for the next start.
         self.writer.stop(deadline - 0.5)
         self.writer.join(max(0.1, deadline - time.monotonic()))
+        # 4. Spool: fsync, save the cursor, release the directory lock.
+        self.spool.close()
         pending, _ = self.spool.pending()
-        # 4. HTTP last, so /metrics can be scraped during the drain.
+        # 5. HTTP last, so /metrics can be scraped during the drain.
         self.http.stop()
         self.http.join(1.0)
-        # 5. Redis connections.
+        # 6. Redis connections.
         self.client.close()
         failed = self._failed_threads()
         if pending:
-            log.error("stopped with %d received frames not written to Redis", pending)
+            log.warning(
+                "stopped with %d frames in the spool (%s): they are written after the next start",
+                pending,
+                self.config.spool.dir,
+            )
         log.info("stopped")
-        if failed or pending:
-            return ExitCode.FAILURE
-        return ExitCode.OK
+        return ExitCode.FAILURE if failed else ExitCode.OK
 
     def _watch(self) -> None:
         failed = self._failed_threads()
@@ -238,8 +244,16 @@ class Forwarder:
                 "last_success_age_seconds": None if last_ok is None else round(mono - last_ok, 3),
                 "last_error": redact(self.writer_stats.last_error or "") or None,
                 "errors": dict(self.writer_stats.errors),
+                "config_error": redact(self.writer_stats.config_error or "") or None,
             },
-            "buffer": {"pending_messages": pending, "bytes": nbytes},
+            "spool": {
+                "dir": str(self.config.spool.dir),
+                "pending_messages": pending,
+                "pending_bytes": nbytes,
+                "disk_bytes": self.spool.disk_bytes(),
+                "max_bytes": self.spool.max_bytes,
+                "corrupt_records": self.spool.stats.corrupt_records,
+            },
             "subscriptions": [self._subscription_status(s, now) for s in self.stats],
         }
 

@@ -20,6 +20,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from forwarder import __version__
+from forwarder.spool import DiskSpool
 from forwarder.stats import LATENCY_BUCKETS, State, SubscriptionStats, WriterStats
 
 LABELS = ("source", "event")
@@ -32,11 +33,11 @@ class ForwarderCollector(Collector):
         self,
         subscriptions: Callable[[], Sequence[SubscriptionStats]],
         writer: WriterStats,
-        buffer_pending: Callable[[], tuple[int, int]],
+        spool: DiskSpool,
     ) -> None:
         self._subscriptions = subscriptions
         self._writer = writer
-        self._buffer_pending = buffer_pending
+        self._spool = spool
 
     def collect(self) -> Iterable[Metric]:
         subs = list(self._subscriptions())
@@ -71,7 +72,7 @@ class ForwarderCollector(Collector):
         )
         yield counter(
             "forwarder_messages_dropped",
-            "Frames refused because the in-memory buffer was full (see buffer.max_bytes).",
+            "Frames refused because the spool was full (see spool.max_bytes).",
             "dropped",
         )
         yield labelled(
@@ -126,14 +127,36 @@ class ForwarderCollector(Collector):
             errors.add_metric((kind,), count)
         yield errors
 
-        messages, nbytes = self._buffer_pending()
+        spool = self._spool
+        pending = GaugeMetricFamily(
+            "forwarder_spool_pending_messages",
+            "Frames (and gap records) spooled and not yet confirmed by Redis.",
+            labels=LABELS,
+        )
+        by_route = list(spool.pending_by_route)
+        for index, s in enumerate(subs):
+            pending.add_metric(s.labels, by_route[index] if index < len(by_route) else 0)
+        yield pending
         yield GaugeMetricFamily(
-            "forwarder_buffer_pending_messages",
-            "Frames received but not yet confirmed by Redis.",
-            value=messages,
+            "forwarder_spool_bytes", "Bytes of the spool's segment files.", value=spool.disk_bytes()
         )
         yield GaugeMetricFamily(
-            "forwarder_buffer_bytes", "Payload bytes of the pending frames.", value=nbytes
+            "forwarder_spool_max_bytes",
+            "spool.max_bytes: at this size new frames are refused.",
+            value=spool.max_bytes,
+        )
+        oldest = spool.oldest_received_at
+        yield GaugeMetricFamily(
+            "forwarder_spool_oldest_age_seconds",
+            "Age of the oldest frame not yet confirmed by Redis (0 when none).",
+            value=max(0.0, time.time() - oldest)
+            if oldest is not None and spool.pending()[0]
+            else 0.0,
+        )
+        yield CounterMetricFamily(
+            "forwarder_spool_corrupt_records",
+            "Spool records skipped because their checksum or framing was wrong.",
+            value=spool.stats.corrupt_records,
         )
         age = self._writer.last_ok_at
         yield GaugeMetricFamily(

@@ -25,11 +25,11 @@ import redis.exceptions as rex
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from forwarder.config import RedisConfig, Subscription
+from forwarder.config import RedisConfig
 from forwarder.decode import invalid_reason
 from forwarder.errors import SinkError
 from forwarder.frames import Oversized
-from forwarder.spool import GAP, Entry, MemorySpool, entry_size
+from forwarder.spool import GAP, Batch, DiskSpool, Entry, Route
 from forwarder.stats import SubscriptionStats, WriterStats
 
 log = logging.getLogger(__name__)
@@ -38,51 +38,55 @@ HWM_TTL_SECONDS = 7 * 24 * 3600
 IDLE_PING_SECONDS = 5.0
 
 # KEYS[1]: the high-water-mark key; KEYS[2..]: streams.
-# ARGV: first offset, hwm ttl, maxlen (0 = none), then per entry:
-#   stream key index, trim flag (1/0), field count n, n field/value items.
-# Returns {written, {offset, error, offset, error, ...}} for entries whose XADD failed.
+# ARGV[1]: hwm ttl; ARGV[2]: maxlen ('0' = none); ARGV[3]: the batch's last offset; then per
+# entry: offset, stream key index, trim flag (1/0), field count n, n field/value items.
+# Returns {written, {offset, error, ...}} with the entries whose XADD failed, or
+# {written, errors, offset, error} when it stopped at a configuration error (NOPERM,
+# WRONGTYPE): that entry and the rest are left for a later retry, the mark says where.
 # The `#!lua` line makes Redis 7 refuse the whole script up front under OOM, instead of
-# failing half-way (a partly applied batch could not be told from an unapplied one).
+# failing half-way.
 WRITE_BATCH = """#!lua
 local hwm = tonumber(redis.call('GET', KEYS[1]) or '0')
-local first = tonumber(ARGV[1])
-local maxlen = ARGV[3]
-local i = 4
-local off = first
-local last = first - 1
-local j = 4
-while j <= #ARGV do
-  last = last + 1
-  j = j + 3 + tonumber(ARGV[j + 2])
-end
+local last = tonumber(ARGV[3])
 if last <= hwm then
   return {0, {}}
 end
-redis.call('SET', KEYS[1], last, 'EX', ARGV[2])
+-- Claim the batch first: if this SET is refused, nothing below has run.
+redis.call('SET', KEYS[1], last, 'EX', ARGV[1])
+local maxlen = ARGV[2]
 local written = 0
 local errors = {}
+local applied = hwm
+local i = 4
 while i <= #ARGV do
-  local n = tonumber(ARGV[i + 2])
+  local off = tonumber(ARGV[i])
+  local n = tonumber(ARGV[i + 3])
   if off > hwm then
-    local cmd = {'XADD', KEYS[tonumber(ARGV[i])]}
-    if ARGV[i + 1] == '1' and maxlen ~= '0' then
+    local cmd = {'XADD', KEYS[tonumber(ARGV[i + 1])]}
+    if ARGV[i + 2] == '1' and maxlen ~= '0' then
       cmd[3] = 'MAXLEN'; cmd[4] = '~'; cmd[5] = maxlen
     end
     cmd[#cmd + 1] = '*'
-    for k = 1, n do cmd[#cmd + 1] = ARGV[i + 2 + k] end
+    for k = 1, n do cmd[#cmd + 1] = ARGV[i + 3 + k] end
     local r = redis.pcall(unpack(cmd))
     if type(r) == 'table' and r.err then
+      local e = r.err
+      if string.sub(e, 1, 6) == 'NOPERM' or string.sub(e, 1, 9) == 'WRONGTYPE' then
+        redis.call('SET', KEYS[1], applied, 'EX', ARGV[1])
+        return {written, errors, off, e}
+      end
       errors[#errors + 1] = off
-      errors[#errors + 1] = r.err
+      errors[#errors + 1] = e
     else
       written = written + 1
     end
+    applied = off
   end
-  i = i + 3 + n
-  off = off + 1
+  i = i + 4 + n
 end
 return {written, errors}
 """
+CONFIG_ERROR_RETRY_SECONDS = 30.0
 
 
 def error_kind(exc: BaseException) -> str:
@@ -101,6 +105,7 @@ def error_kind(exc: BaseException) -> str:
         ("BUSY", "busy"),
         ("NOPERM", "noperm"),
         ("NO PERMISSIONS", "noperm"),
+        ("WRONGTYPE", "wrongtype"),
     ):
         if text.startswith(prefix) or f" {prefix}" in text[:80]:
             return kind
@@ -124,29 +129,27 @@ def make_client(config: RedisConfig) -> redis.Redis:
 class RedisWriter:
     """Owns the writer thread. `start()` returns at once; `stop()` then `join()` to finish.
 
-    Thread-safety: `start`, `stop`, `join` and the properties may be called from any thread;
-    everything else runs on the writer thread.
+    Thread-safety: `start`, `stop`, `abandon`, `join` and the properties may be called from
+    any thread; everything else runs on the writer thread.
     """
 
     def __init__(
         self,
         client: redis.Redis,
-        spool: MemorySpool,
-        subscriptions: Sequence[Subscription],
+        spool: DiskSpool,
         stats: Sequence[SubscriptionStats],
         writer_stats: WriterStats,
         config: RedisConfig,
-        writer_id: str,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._client = client
         self._spool = spool
-        self._subs = subscriptions
-        self._stats = stats
+        self._routes = spool.routes
+        self._stats = stats  # by route index, like the spool's routes
         self._wstats = writer_stats
         self._config = config
         self._rand = rand
-        self._hwm_key = f"forwarder:hwm:{writer_id}"
+        self._hwm_key = f"forwarder:hwm:{spool.writer_id}"
         self._script = client.register_script(WRITE_BATCH)
         self._maxlen = str(config.maxlen or 0)
         self._thread = threading.Thread(target=self._run, name="redis-writer", daemon=True)
@@ -155,7 +158,8 @@ class RedisWriter:
         self._deadline = float("inf")  # monotonic; written by stop() before _stopping is set
         self._abandon = threading.Event()  # set by abandon(): give up at once
         self.failed: BaseException | None = None  # set if the thread died of a bug
-        self._rejected_offset = 1  # offsets of the dead-letter follow-up writes
+        self.progress = 0  # incremented on every loop turn: the systemd watchdog's evidence
+        self._last_errors: dict[int, str] = {}  # {offset: error} of the last batch
 
     @property
     def hwm_key(self) -> str:
@@ -188,21 +192,22 @@ class RedisWriter:
         try:
             self._idle_ping()  # readiness knows about Redis from the first second
             while True:
-                offset, batch = self._spool.peek(self._config.batch_max, IDLE_PING_SECONDS)
+                self.progress += 1
+                batch = self._spool.peek(self._config.batch_max, IDLE_PING_SECONDS)
                 if not batch:
                     if self._stopping.is_set():
                         return
                     self._idle_ping()
                     continue
-                if not self._write(offset, batch):
+                if not self._write(batch):
                     pending, _ = self._spool.pending()
-                    log.error(
-                        "shutdown deadline reached with Redis unavailable: %d received frames "
-                        "were not written",
+                    log.warning(
+                        "shutdown deadline reached with Redis unavailable: %d frames stay in "
+                        "the spool and are written after the next start",
                         pending,
                     )
                     return
-                self._spool.commit(len(batch), sum(entry_size(e) for e in batch))
+                self._spool.commit(batch)
         except BaseException as exc:  # a bug: report it through /healthz and the exit code
             self.failed = exc
             log.exception("the Redis writer thread crashed")
@@ -215,70 +220,88 @@ class RedisWriter:
         else:
             self._wstats.last_ok_at = time.monotonic()
 
-    def _write(self, offset: int, batch: list[Entry]) -> bool:
+    def _write(self, batch: Batch) -> bool:
         """Write one batch until Redis confirms it; False if the shutdown deadline passed."""
-        keys, args, invalid = self._prepare(self._hwm_key, offset, batch, {})
-        reply = self._call(keys, args, len(batch))
-        if reply is None:
-            return False
-        rejected = self._account(offset, batch, invalid, reply)
+        keys, args, invalid = self._prepare(batch, {})
+        while True:
+            reply = self._call(self._hwm_key, keys, args, len(batch))
+            if reply is None:
+                return False
+            stopped = _stopped_at(reply)
+            if stopped is None:
+                break
+            # NOPERM or WRONGTYPE: only a human can fix it. Keep everything in the spool and
+            # retry slowly; the entries Redis applied before the error are skipped next time.
+            offset, error = stopped
+            kind = error_kind(rex.ResponseError(error))
+            self._wstats.errors[kind] = self._wstats.errors.get(kind, 0) + 1
+            self._wstats.config_error = error
+            route = self._routes[dict(batch)[offset].subscription]
+            log.error(
+                "Redis refuses writes to %r (%s): fix the key or the ACL; frames stay in the "
+                "spool, retrying in %.0fs",
+                route.stream,
+                error,
+                CONFIG_ERROR_RETRY_SECONDS,
+            )
+            if self._wait(CONFIG_ERROR_RETRY_SECONDS):
+                return False
+        self._wstats.config_error = None
+        rejected = self._account(batch, invalid, reply)
         if rejected:
             return self._dead_letter_rejected(rejected)
         return True
 
-    def _dead_letter_rejected(self, rejected: list[tuple[Entry, str]]) -> bool:
-        """Send entries Redis refused one by one (e.g. WRONGTYPE on their stream) to the
-        dead-letter stream, with the error, instead of retrying them forever and blocking
-        every other stream. Uses its own high-water mark and offsets."""
-        offset = self._rejected_offset
-        self._rejected_offset += len(rejected)
-        batch = [entry for entry, _ in rejected]
-        errors = {n: error for n, (_, error) in enumerate(rejected)}
-        keys, args, _ = self._prepare(self._hwm_key + ":rejected", offset, batch, errors)
-        reply = self._call(keys, args, len(batch))
+    def _dead_letter_rejected(self, rejected: Batch) -> bool:
+        """Send entries Redis refused one by one (e.g. too large for the server's limits) to
+        the dead-letter stream with the error, instead of retrying them forever and blocking
+        every other stream. Their own high-water mark keeps this idempotent too."""
+        errors = dict(self._last_errors)
+        keys, args, _ = self._prepare(rejected, errors)
+        reply = self._call(self._hwm_key + ":rejected", keys, args, len(rejected))
         if reply is None:
             return False
-        for n, (entry, error) in enumerate(rejected):
+        failed = _failures(reply)
+        for offset, entry in rejected:
             stats = self._stats[entry.subscription]
-            failed = _failures(reply, offset)
-            if n in failed:
+            if offset in failed:
                 log.error(
                     "a frame of %s/%s was refused by Redis (%s) and so was its dead-letter "
                     "entry (%s): it is lost",
                     stats.source,
                     stats.event,
-                    error,
-                    failed[n],
+                    errors.get(offset),
+                    failed[offset],
                 )
                 stats.lost += 1
             else:
                 stats.invalid["redis_rejected"] = stats.invalid.get("redis_rejected", 0) + 1
         return True
 
-    def _call(self, keys: list[str], args: list[bytes | str | int], size: int) -> object | None:
+    def _call(
+        self, hwm_key: str, keys: list[str], args: list[bytes | str | int], size: int
+    ) -> object | None:
         """Run the script until Redis answers; None if the shutdown deadline passed."""
         failures = 0
         while True:
             try:
-                reply: object = self._script(keys=keys, args=args, client=self._client)
+                reply: object = self._script(keys=[hwm_key, *keys], args=args, client=self._client)
             except rex.RedisError as exc:
                 kind = self._record_error(exc)
                 failures += 1
                 delay = min(5.0, 0.05 * 2.0**failures) * (0.5 + self._rand() / 2.0)
                 if failures == 1 or failures % 20 == 0:
                     log.warning(
-                        "Redis write failed (%s, attempt %d), %d frames kept pending; retrying "
-                        "in %.2fs: %s",
+                        "Redis write failed (%s, attempt %d), %d frames kept in the spool; "
+                        "retrying in %.2fs: %s",
                         kind,
                         failures,
                         size,
                         delay,
                         exc,
                     )
-                remaining = self._deadline - time.monotonic()
-                if self._abandon.is_set() or (self._stopping.is_set() and remaining <= 0):
-                    return False
-                self._abandon.wait(min(delay, max(remaining, 0.0)))
+                if self._wait(delay):
+                    return None
                 continue
             self._wstats.last_ok_at = time.monotonic()
             self._wstats.batches += 1
@@ -286,33 +309,42 @@ class RedisWriter:
                 log.info("Redis writes recovered after %d failed attempts", failures)
             return reply
 
+    def _wait(self, delay: float) -> bool:
+        """Sleep before a retry; True if we must give up (shutdown deadline or abandon)."""
+        remaining = self._deadline - time.monotonic()
+        if self._abandon.is_set() or (self._stopping.is_set() and remaining <= 0):
+            return True
+        self._abandon.wait(max(0.0, min(delay, remaining)))
+        return self._abandon.is_set()
+
     def _prepare(
-        self, hwm_key: str, offset: int, batch: list[Entry], rejected: dict[int, str]
+        self, batch: Batch, rejected: dict[int, str]
     ) -> tuple[list[str], list[bytes | str | int], dict[int, str]]:
-        keys = [hwm_key]
+        """Script keys (streams) and arguments for a batch; also {offset: dead-letter reason}."""
+        keys: list[str] = []
         index: dict[str, int] = {}
-        args: list[bytes | str | int] = [offset, HWM_TTL_SECONDS, self._maxlen]
+        args: list[bytes | str | int] = [HWM_TTL_SECONDS, self._maxlen, batch[-1][0]]
         invalid: dict[int, str] = {}
-        for n, entry in enumerate(batch):
-            stream, trim, fields, reason = self._route(entry, rejected.get(n))
+        for offset, entry in batch:
+            stream, trim, fields, reason = self._route(entry, rejected.get(offset))
             if reason is not None:
-                invalid[n] = reason
+                invalid[offset] = reason
             key_index = index.get(stream)
             if key_index is None:
                 keys.append(stream)
-                key_index = index[stream] = len(keys)
-            args += [key_index, trim, len(fields), *fields]
+                key_index = index[stream] = len(keys) + 1  # KEYS[1] is the high-water mark
+            args += [offset, key_index, trim, len(fields), *fields]
         return keys, args, invalid
 
     def _route(
         self, entry: Entry, error: str | None
     ) -> tuple[str, str, list[bytes | str | int], str | None]:
         """Where an entry goes: (stream, trim flag, fields, dead-letter reason or None)."""
-        sub = self._subs[entry.subscription]
+        route = self._routes[entry.subscription]
         if error is not None:  # Redis refused it once: dead-letter it with the error
             reason: str | None = "redis_rejected"
         elif entry.opcode == GAP:
-            return self._config.gap_stream, "0", gap_fields(sub, entry), None
+            return self._config.gap_stream, "0", gap_fields(route, entry), None
         else:
             reason = invalid_reason(entry.opcode, entry.payload)
         received_ms = int(entry.received_at * 1000)
@@ -322,34 +354,33 @@ class RedisWriter:
                 "data",
                 entry.payload,
                 "event",
-                sub.event,
+                route.event,
                 "source",
-                sub.source.name,
+                route.source,
                 "received_at",
                 received_ms,
             ]
-            return sub.stream, "1", fields, None
-        fields = dead_letter_fields(sub, entry, reason, received_ms)
+            return route.stream, "1", fields, None
+        fields = dead_letter_fields(route, entry, reason, received_ms)
         if error is not None:
             fields += ["error", error]
-        return sub.dead_letter_stream, "0", fields, reason
+        return route.dead_letter_stream, "0", fields, reason
 
-    def _account(
-        self, offset: int, batch: list[Entry], invalid: dict[int, str], reply: object
-    ) -> list[tuple[Entry, str]]:
-        """Update the counters; return the entries Redis refused, with the error."""
-        failed = _failures(reply, offset)
-        rejected: list[tuple[Entry, str]] = []
+    def _account(self, batch: Batch, invalid: dict[int, str], reply: object) -> Batch:
+        """Update the counters; return the entries Redis refused (errors in _last_errors)."""
+        failed = _failures(reply)
+        self._last_errors = failed
+        rejected: Batch = []
         now = time.time()
-        for n, entry in enumerate(batch):
+        for offset, entry in batch:
             stats = self._stats[entry.subscription]
-            if n in failed:
-                rejected.append((entry, failed[n]))
+            if offset in failed:
+                rejected.append((offset, entry))
                 continue
             if entry.opcode == GAP:
                 stats.gaps_recorded += 1
                 continue
-            reason = invalid.get(n)
+            reason = invalid.get(offset)
             if reason is not None:
                 stats.invalid[reason] = stats.invalid.get(reason, 0) + 1
                 continue
@@ -366,7 +397,7 @@ class RedisWriter:
 
 
 def dead_letter_fields(
-    sub: Subscription, entry: Entry, reason: str, received_ms: int
+    route: Route, entry: Entry, reason: str, received_ms: int
 ) -> list[bytes | str | int]:
     """The fields of a dead-letter entry: why, where from, and the raw bytes in base64."""
     payload = entry.payload
@@ -374,9 +405,9 @@ def dead_letter_fields(
         "reason",
         reason,
         "event",
-        sub.event,
+        route.event,
         "source",
-        sub.source.name,
+        route.source,
         "received_at",
         received_ms,
         "opcode",
@@ -398,9 +429,9 @@ def dead_letter_fields(
     return fields
 
 
-def gap_fields(sub: Subscription, entry: Entry) -> list[bytes | str | int]:
+def gap_fields(route: Route, entry: Entry) -> list[bytes | str | int]:
     """The fields of a gap record: source, event, then the record's own (start, end, cause…)."""
-    fields: list[bytes | str | int] = ["source", sub.source.name, "event", sub.event]
+    fields: list[bytes | str | int] = ["source", route.source, "event", route.event]
     try:
         record = orjson.loads(entry.payload) if isinstance(entry.payload, bytes) else {}
     except orjson.JSONDecodeError:
@@ -412,14 +443,21 @@ def gap_fields(sub: Subscription, entry: Entry) -> list[bytes | str | int]:
     return fields
 
 
-def _failures(reply: object, offset: int) -> dict[int, str]:
-    """{index in batch: error} from the script's reply."""
+def _failures(reply: object) -> dict[int, str]:
+    """{offset: error} of the entries whose XADD failed, from the script's reply."""
     failed: dict[int, str] = {}
-    if isinstance(reply, list) and len(reply) == 2 and isinstance(reply[1], list):
+    if isinstance(reply, list) and len(reply) >= 2 and isinstance(reply[1], list):
         errs = reply[1]
         for k in range(0, len(errs) - 1, 2):
-            failed[int(errs[k]) - offset] = _text(errs[k + 1])
+            failed[int(errs[k])] = _text(errs[k + 1])
     return failed
+
+
+def _stopped_at(reply: object) -> tuple[int, str] | None:
+    """(offset, error) where the script stopped at a configuration error, else None."""
+    if isinstance(reply, list) and len(reply) == 4:
+        return int(reply[2]), _text(reply[3])
+    return None
 
 
 def _text(value: object) -> str:

@@ -80,6 +80,15 @@ class SubscriptionStats:
     last_handshake_status: str | None = None
     last_error: str | None = None  # redacted, human-readable
     next_attempt_at: float | None = None  # unix time, while in BACKOFF
+    # Also written by the subscriber thread only (resilience, see subscriber.py).
+    resubscribes: dict[str, int] = field(
+        default_factory=lambda: {"silence": 0, "periodic": 0}
+    )  # make-before-break re-subscribes completed, by what triggered them
+    displacements: int = 0  # re-subscribes that showed another client had taken the feed
+    flapping_until: float | None = None  # unix time; the watchdog stands down until then
+    disconnected_seconds: float = 0.0  # blind time of intervals already closed
+    blind_since: float | None = None  # unix time an open blind interval began (None: receiving)
+    token_expires_at: float | None = None  # the token's `exp` claim (unverified), unix time
     # Written by the writer thread.
     forwarded: int = 0
     lost: int = 0  # refused by Redis, and so was the dead-letter entry
@@ -91,6 +100,11 @@ class SubscriptionStats:
     def labels(self) -> tuple[str, str]:
         return (self.source, self.event)
 
+    def blind_seconds(self, now: float) -> float:
+        """Closed blind time plus the open interval up to `now` (unix time). Any thread."""
+        since = self.blind_since  # read once: the subscriber thread may clear it meanwhile
+        return self.disconnected_seconds + (max(0.0, now - since) if since is not None else 0.0)
+
 
 @dataclass(eq=False)
 class WriterStats:
@@ -98,9 +112,21 @@ class WriterStats:
 
     errors: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(
-            ("connection", "timeout", "oom", "readonly", "loading", "busy", "noperm", "other"), 0
+            (
+                "connection",
+                "timeout",
+                "oom",
+                "readonly",
+                "loading",
+                "busy",
+                "noperm",
+                "wrongtype",
+                "other",
+            ),
+            0,
         )
     )
     last_ok_at: float | None = None  # monotonic time of the last successful Redis reply
     last_error: str | None = None
+    config_error: str | None = None  # NOPERM/WRONGTYPE: writes stopped until fixed
     batches: int = 0

@@ -27,7 +27,7 @@ from forwarder.backoff import AttemptLimiter, ReconnectBackoff
 from forwarder.config import Secret, Subscription, redact_url
 from forwarder.errors import ConfigError, ConnectFailed, HandshakeRejected
 from forwarder.frames import FrameParser, Opcode, ProtocolViolation, close_code
-from forwarder.spool import Entry, MemorySpool, entry_size
+from forwarder.spool import DiskSpool, Entry, entry_size
 from forwarder.stats import State, SubscriptionStats
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class Subscriber:
         index: int,
         subscription: Subscription,
         stats: SubscriptionStats,
-        spool: MemorySpool,
+        spool: DiskSpool,
         limiter: AttemptLimiter,
         backoff: ReconnectBackoff,
         connect: Connector = websocket_connect,

@@ -76,6 +76,8 @@ def make_config(tmp_path: Path, simulator: Simulator, redis_server: RedisServer)
         parts = [
             f"""
             shutdown_timeout = 10.0
+            [spool]
+            dir = "{tmp_path / "spool"}"
             [redis]
             url = "{redis_server.url}"
             [metrics]

@@ -28,6 +28,8 @@ def write_config(tmp_path: Path, sim: Simulator, redis_url: str, events: list[st
     path.write_text(
         f"""
         shutdown_timeout = 8.0
+        [spool]
+        dir = "{tmp_path / "spool"}"
         [redis]
         url = "{redis_url}"
         [metrics]

@@ -13,30 +13,29 @@ import redis
 from forwarder.config import Config, RedisConfig
 from forwarder.frames import Opcode, Oversized
 from forwarder.sink import RedisWriter, make_client
-from forwarder.spool import GAP, Entry, MemorySpool
+from forwarder.spool import GAP, DiskSpool, Entry, Route
 from forwarder.stats import SubscriptionStats, WriterStats
 from tests.conftest import ConfigFactory
 from tests.helpers import RedisServer, wait_for, xrange
 
 
 class Harness:
-    """A writer over a spool, for two subscriptions of one source."""
+    """A writer over a disk spool, for the subscriptions of a config."""
 
-    def __init__(self, config: Config, client: redis.Redis) -> None:
+    def __init__(self, config: Config, client: redis.Redis, spool_dir: Path) -> None:
         self.subs = config.subscriptions()
-        self.stats = [SubscriptionStats(s.source.name, s.event, s.stream) for s in self.subs]
+        routes = [Route(s.source.name, s.event, s.stream, s.dead_letter_stream) for s in self.subs]
+        self.spool = DiskSpool(spool_dir, routes, max_bytes=1 << 30)
+        self.stats = [SubscriptionStats(r.source, r.event, r.stream) for r in self.spool.routes]
         self.writer_stats = WriterStats()
-        self.spool = MemorySpool(1 << 20)
         self.writer = RedisWriter(
-            client,
-            self.spool,
-            self.subs,
-            self.stats,
-            self.writer_stats,
-            config.redis,
-            "test-writer",
-            rand=lambda: 0.0,
+            client, self.spool, self.stats, self.writer_stats, config.redis, rand=lambda: 0.0
         )
+
+    def close(self) -> None:
+        self.writer.stop(time.monotonic() + 2)
+        self.writer.join(5)
+        self.spool.close()
 
     def put(self, sub: int, payloads: list[bytes], opcode: int = Opcode.TEXT) -> None:
         entries = [Entry(sub, opcode, p, 1_700_000_000.123) for p in payloads]
@@ -44,13 +43,14 @@ class Harness:
 
 
 @pytest.fixture
-def harness(make_config: ConfigFactory, redis_server: RedisServer) -> Iterator[Harness]:
+def harness(
+    make_config: ConfigFactory, redis_server: RedisServer, tmp_path: Path
+) -> Iterator[Harness]:
     config = make_config({"main": ["messages.upsert", "chats.upsert"]})
     client = make_client(RedisConfig(url=redis_server.url))
-    h = Harness(config, client)
+    h = Harness(config, client, tmp_path / "spool")
     yield h
-    h.writer.stop(time.monotonic() + 2)
-    h.writer.join(5)
+    h.close()
     client.close()
 
 
@@ -78,15 +78,15 @@ def test_resending_a_batch_whose_reply_was_lost_writes_nothing_twice(
 ) -> None:
     """The same offsets written again (as after a timeout) are skipped by the high-water mark."""
     harness.put(0, [b"[1]", b"[2]", b"[3]"])
-    offset, batch = harness.spool.peek(10, 0)
-    assert harness.writer._write(offset, batch)
-    assert harness.writer._write(offset, batch)  # the retry after an ambiguous failure
+    batch = harness.spool.peek(10, 0)
+    assert harness.writer._write(batch)
+    assert harness.writer._write(batch)  # the retry after an ambiguous failure
     harness.put(1, [b"[4]"])
-    offset2, batch2 = harness.spool.peek(10, 0)
+    batch2 = harness.spool.peek(10, 0)
     # The spool still holds the first three (never committed here) plus the new one:
     # only the new offset is applied.
-    assert offset2 == offset
-    assert harness.writer._write(offset2, batch2)
+    assert batch2[:3] == batch
+    assert harness.writer._write(batch2)
     assert redis_client.xlen("main:messages.upsert") == 3
     assert redis_client.xlen("main:chats.upsert") == 1
 
@@ -112,19 +112,27 @@ def test_invalid_frames_go_to_the_dead_letter_stream_and_the_rest_flow(
     assert harness.stats[0].forwarded == 2
 
 
-def test_an_entry_redis_refuses_is_dead_lettered_without_blocking_others(
+def test_wrongtype_stops_writes_keeps_everything_and_resumes_when_fixed(
     harness: Harness, redis_client: redis.Redis
 ) -> None:
-    """WRONGTYPE on one stream key dead-letters its frames; the other stream keeps flowing."""
-    redis_client.set("main:messages.upsert", "not a stream")
+    """WRONGTYPE is a configuration error: nothing is skipped or lost, writes resume after a fix."""
+    redis_client.set("main:chats.upsert", "not a stream")
     harness.put(0, [b"[1]"])
     harness.put(1, [b"[2]"])
-    harness.writer.start()
-    wait_for(lambda: harness.stats[0].invalid.get("redis_rejected") == 1, what="dead letter")
+    harness.put(0, [b"[3]"])
+    batch = harness.spool.peek(10, 0)
+    harness.writer._abandon.set()  # one attempt only: _write gives up instead of waiting 30 s
+    assert not harness.writer._write(batch)
+    assert harness.writer_stats.errors["wrongtype"] == 1
+    assert "WRONGTYPE" in (harness.writer_stats.config_error or "")
+    assert harness.spool.pending()[0] == 3
+    assert redis_client.xlen("main:messages.upsert") == 1  # the entry before the bad one
+    redis_client.delete("main:chats.upsert")
+    harness.writer._abandon.clear()
+    assert harness.writer._write(batch)
+    assert [f[b"data"] for _, f in xrange(redis_client, "main:messages.upsert")] == [b"[1]", b"[3]"]
     assert redis_client.xlen("main:chats.upsert") == 1
-    (_, dead), *_ = xrange(redis_client, "main:messages.upsert:dlq")
-    assert dead[b"reason"] == b"redis_rejected"
-    assert b"WRONGTYPE" in dead[b"error"]
+    assert harness.writer_stats.config_error is None
 
 
 def test_writes_wait_for_redis_to_come_back_and_lose_nothing(
@@ -135,7 +143,7 @@ def test_writes_wait_for_redis_to_come_back_and_lose_nothing(
     server.start()
     config = make_config({"main": ["messages.upsert"]})
     client = make_client(RedisConfig(url=server.url, socket_timeout=1.0))
-    h = Harness(config, client)
+    h = Harness(config, client, tmp_path / "spool")
     try:
         h.writer.start()
         h.put(0, [b"[0]"])
@@ -150,8 +158,7 @@ def test_writes_wait_for_redis_to_come_back_and_lose_nothing(
         assert check.xlen("main:messages.upsert") == 199
         check.close()
     finally:
-        h.writer.stop(time.monotonic() + 1)
-        h.writer.join(5)
+        h.close()
         client.close()
         server.stop()
 
