@@ -91,26 +91,30 @@ CONFIG_ERROR_RETRY_SECONDS = 30.0
 
 def error_kind(exc: BaseException) -> str:
     """Bounded class of a Redis error (the `kind` label of forwarder_redis_errors_total)."""
-    if isinstance(exc, rex.TimeoutError):
-        return "timeout"
-    if isinstance(exc, rex.BusyLoadingError):
-        return "loading"
-    if isinstance(exc, rex.ConnectionError):
-        return "connection"
+    # redis-py strips the error prefix (READONLY, OOM…) from the message and maps it to a
+    # class; replies it does not map keep their prefix in the text.
+    for cls, kind in (
+        (rex.TimeoutError, "timeout"),
+        (rex.BusyLoadingError, "loading"),
+        (rex.ConnectionError, "connection"),
+        (rex.ReadOnlyError, "readonly"),
+        (rex.OutOfMemoryError, "oom"),
+        (rex.NoPermissionError, "noperm"),
+    ):
+        if isinstance(exc, cls):
+            return kind
     text = str(exc).upper()
     for prefix, kind in (
         ("OOM", "oom"),
         ("READONLY", "readonly"),
         ("LOADING", "loading"),
         ("BUSY", "busy"),
+        ("MASTERDOWN", "readonly"),
         ("NOPERM", "noperm"),
-        ("NO PERMISSIONS", "noperm"),
         ("WRONGTYPE", "wrongtype"),
     ):
-        if text.startswith(prefix) or f" {prefix}" in text[:80]:
+        if text.startswith(prefix):
             return kind
-    if isinstance(exc, rex.NoPermissionError):
-        return "noperm"
     return "other"
 
 

@@ -135,7 +135,8 @@ class DiskSpool:
         self._dir = directory
         self._max_bytes = max_bytes
         self._fsync_interval = fsync_interval
-        self._segment_bytes = segment_bytes
+        # Segments are deleted whole, so keep them small next to max_bytes.
+        self._segment_bytes = min(segment_bytes, max(1 << 20, max_bytes // 8))
         self._cache_limit = cache_bytes
         self._clock = clock
         self.stats = SpoolStats()
@@ -154,6 +155,9 @@ class DiskSpool:
         self._next_offset = self._committed + 1
         self._pending = 0  # entries after the committed offset
         self._pending_bytes = 0  # payload bytes of those
+        self._pending_disk = 0  # on-disk bytes of their records: what max_bytes limits
+        self._refusing = False  # full, and Redis has confirmed nothing since (see append)
+        self._refused_at = 0  # the committed offset when the refusing began
         self._recover()
         # The active segment (append side).
         self._fd = -1
@@ -161,8 +165,9 @@ class DiskSpool:
         self._active_size = 0
         self._dirty = False
         # The cache: a contiguous run of the newest entries,
-        # (offset, entry, size, segment of the record, end position of the record in it).
-        self._cache: deque[tuple[int, Entry, int, int, int]] = deque()
+        # (offset, entry, payload size, segment of the record, end of the record in it,
+        # record size).
+        self._cache: deque[tuple[int, Entry, int, int, int, int]] = deque()
         self._cache_size = 0
         self._caching = self._pending == 0  # otherwise the backlog is read from disk first
         # Read side (writer thread only): next record to read from disk.
@@ -170,6 +175,7 @@ class DiskSpool:
         self._read_pos = 0  # byte position in it
         self._peeked_ends: list[tuple[int, int]] = []  # (segment, position) after each entry
         self._peeked_sizes: list[int] = []
+        self._peeked_records: list[int] = []  # on-disk record sizes of the last peek
         self._cursor_saved = self._committed
         self.oldest_received_at: float | None = None
         self._flusher = threading.Thread(target=self._flush_loop, name="spool-fsync", daemon=True)
@@ -255,10 +261,11 @@ class DiskSpool:
                 continue
             self._segments[first] = path
             self._segment_sizes[first] = len(data)
-            for offset, route_key, size in records:
+            for offset, route_key, size, record_size in records:
                 if offset > self._committed:
                     self._pending += 1
                     self._pending_bytes += size
+                    self._pending_disk += record_size
                     self.pending_by_route[self._route_for_key(route_key)] += 1
             last_offset = max(last_offset, max_offset)
         self._next_offset = last_offset + 1
@@ -313,9 +320,18 @@ class DiskSpool:
             body = self._encode_body(entry)
             encoded.append((body, zlib.crc32(body), entry_size(entry)))
         with self._cond:
-            if self._pending and self._disk_bytes() + nbytes > self._max_bytes:
+            incoming = sum(_HEAD.size + 8 + len(body) for body, _, _ in encoded)
+            # Keep the oldest: what is spooled stays until Redis confirms it. Once full, keep
+            # refusing until Redis confirms something, so an outage makes one contiguous gap
+            # rather than holes wherever a smaller chunk happened to fit.
+            stuck = self._refusing and self._committed == self._refused_at
+            if stuck or (self._pending and self._pending_disk + incoming > self._max_bytes):
+                if not self._refusing:
+                    self._refusing = True
+                    self._refused_at = self._committed
                 self.stats.rejected_full += len(entries)
                 return False
+            self._refusing = False
             parts: list[bytes] = []
             offset = self._next_offset
             first = offset
@@ -337,6 +353,7 @@ class DiskSpool:
             self._next_offset = offset
             self._pending += len(entries)
             self._pending_bytes += nbytes
+            self._pending_disk += len(data)
             self.stats.appended += len(entries)
             for entry in entries:
                 self.pending_by_route[entry.subscription] += 1
@@ -348,7 +365,9 @@ class DiskSpool:
                     end = self._active_size - len(data)
                     for n, entry in enumerate(entries):
                         end += len(parts[n])
-                        self._cache.append((first + n, entry, encoded[n][2], segment, end))
+                        self._cache.append(
+                            (first + n, entry, encoded[n][2], segment, end, len(parts[n]))
+                        )
                     self._cache_size += nbytes
                 else:
                     # From here on the writer reads these from disk, until it catches up.
@@ -434,6 +453,7 @@ class DiskSpool:
                 cached = [cache[i] for i in range(take)]
                 self._peeked_sizes = [c[2] for c in cached]
                 self._peeked_ends = [(c[3], c[4]) for c in cached]
+                self._peeked_records = [c[5] for c in cached]
                 self.oldest_received_at = cached[0][1].received_at
                 return [(c[0], c[1]) for c in cached]
         batch = self._read_disk(max_entries)
@@ -447,6 +467,7 @@ class DiskSpool:
         batch: Batch = []
         self._peeked_ends = []
         self._peeked_sizes = []
+        self._peeked_records = []
         with self._cond:
             firsts = sorted(self._segments)
         if not firsts:
@@ -480,6 +501,7 @@ class DiskSpool:
                         batch.append((offset, entry))
                         self._peeked_ends.append((first, base + end))
                         self._peeked_sizes.append(size)
+                        self._peeked_records.append(end - i)
                     i = end
             if len(batch) >= max_entries:
                 break
@@ -546,6 +568,7 @@ class DiskSpool:
             self._committed = last_offset
             self._pending -= count
             self._pending_bytes -= nbytes
+            self._pending_disk -= sum(self._peeked_records[:count])
             for _, entry in batch:
                 self.pending_by_route[entry.subscription] -= 1
             self.stats.committed += count
@@ -557,6 +580,16 @@ class DiskSpool:
                 for first in sorted(self._segments)
                 if first != self._active_first and self._segment_done(first, last_offset)
             ]
+            if (
+                not self._pending
+                and self._fd >= 0
+                and self._active_size >= self._segment_bytes // 4
+            ):
+                # Everything is confirmed: retire the active segment too, so the disk use
+                # falls back instead of waiting for the segment to fill up.
+                os.close(self._fd)
+                self._fd = -1
+                done.append(self._active_first)
             for first in done:
                 self._segments.pop(first)
                 self._segment_sizes.pop(first, None)
@@ -629,9 +662,10 @@ class DiskSpool:
 
     def _scan(
         self, data: bytes, count_corruption: bool
-    ) -> tuple[list[tuple[int, bytes, int]], int]:
-        """Parse a whole segment: [(offset, route key, payload size)], end of the last good one."""
-        records: list[tuple[int, bytes, int]] = []
+    ) -> tuple[list[tuple[int, bytes, int, int]], int]:
+        """Parse a whole segment: [(offset, route key, payload size, record size)] and the end
+        of the last good record."""
+        records: list[tuple[int, bytes, int, int]] = []
         pos = 0
         good_end = 0
         n = len(data)
@@ -668,7 +702,7 @@ class DiskSpool:
                     size = len(
                         base64.b64decode(orjson.loads(record[_BODY.size + key_len : -8])["head"])
                     )
-            records.append((offset, key, size))
+            records.append((offset, key, size, end - pos))
             pos = end
             good_end = end
         return records, good_end

@@ -71,18 +71,20 @@ def make_config(tmp_path: Path, simulator: Simulator, redis_server: RedisServer)
         extra_source: str = "",
         extra: str = "",
         environ: dict[str, str] | None = None,
+        redis_extra: str = "",
+        spool_extra: str = "",
     ) -> Config:
         sources = sources or {"main": ["messages.upsert"]}
         parts = [
-            f"""
-            shutdown_timeout = 10.0
-            [spool]
-            dir = "{tmp_path / "spool"}"
-            [redis]
-            url = "{redis_server.url}"
-            [metrics]
-            listen = "127.0.0.1:0"
-            """
+            "shutdown_timeout = 10.0",
+            "[spool]",
+            f'dir = "{tmp_path / "spool"}"',
+            spool_extra,
+            "[redis]",
+            f'url = "{redis_server.url}"',
+            redis_extra,
+            "[metrics]",
+            'listen = "127.0.0.1:0"',
         ]
         for name, events in sources.items():
             token_file = tmp_path / f"{name}.token"

@@ -35,7 +35,7 @@ def free_port() -> int:
 class RedisServer:
     """A throwaway redis-server on a loopback port; can be stopped and restarted in place."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *extra: str, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError(
@@ -44,7 +44,8 @@ class RedisServer:
             )
         self.binary = binary
         self.workdir = workdir
-        self.port = free_port()
+        self.extra = extra  # e.g. "--appendonly", "yes" to survive a kill
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -65,6 +66,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -76,10 +78,15 @@ class RedisServer:
             client.close()
 
     def stop(self) -> None:
+        """SIGKILL: the way a crash or an OOM kill ends Redis."""
         if self.proc is not None:
             self.proc.kill()
             self.proc.wait(10)
             self.proc = None
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
 
     def client(self) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=5)

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 import redis
+import redis.exceptions as rex
 
 from forwarder.config import Config, RedisConfig
 from forwarder.frames import Opcode, Oversized
-from forwarder.sink import RedisWriter, make_client
+from forwarder.sink import RedisWriter, error_kind, make_client
 from forwarder.spool import GAP, DiskSpool, Entry, Route
 from forwarder.stats import SubscriptionStats, WriterStats
 from tests.conftest import ConfigFactory
@@ -182,3 +183,23 @@ def test_gap_records_go_to_the_gap_stream_in_order_with_the_frames(
         b"end": b"1700000005000",
         b"cause": b"close:1006",
     }
+
+
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (rex.TimeoutError("Timeout reading from socket"), "timeout"),
+        (rex.ConnectionError("Error 111 connecting"), "connection"),
+        (rex.BusyLoadingError("Redis is loading the dataset in memory"), "loading"),
+        (rex.ReadOnlyError("You can't write against a read only replica."), "readonly"),
+        (rex.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), "oom"),
+        (rex.NoPermissionError("this user has no permissions"), "noperm"),
+        (rex.ResponseError("WRONGTYPE Operation against a key"), "wrongtype"),
+        (rex.ResponseError("BUSY Redis is busy running a script"), "busy"),
+        (rex.ResponseError("MASTERDOWN Link with MASTER is down"), "readonly"),
+        (rex.ResponseError("ERR something else"), "other"),
+    ],
+)
+def test_error_kinds(exc: Exception, kind: str) -> None:
+    """Each Redis failure maps to one bounded metric label, whatever redis-py did to its text."""
+    assert error_kind(exc) == kind
