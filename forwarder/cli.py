@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(ns: argparse.Namespace) -> ExitCode:
     from forwarder.daemon import Forwarder
     from forwarder.logs import setup_logging
+    from forwarder.notify import Notifier, watchdog_interval
 
     environ = dict(os.environ)
     if ns.log_level:
@@ -77,7 +78,12 @@ def _run(ns: argparse.Namespace) -> ExitCode:
     try:
         config = load_config(ns.config, environ)
         setup_logging(config.log_level)
-        forwarder = Forwarder(config)
+        forwarder = Forwarder(
+            config,
+            notifier=Notifier.from_env(os.environ),
+            watchdog_every=watchdog_interval(os.environ),
+            reload=lambda: load_config(ns.config, environ),
+        )
     except ConfigError as exc:
         log.error("configuration error: %s", exc)
         return ExitCode.CONFIG

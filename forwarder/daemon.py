@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from types import FrameType
 from typing import Any
 
@@ -23,11 +24,12 @@ import redis
 
 from forwarder import __version__
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
-from forwarder.config import Config, redact_url
-from forwarder.errors import ExitCode
+from forwarder.config import Config, Subscription, redact_url
+from forwarder.errors import ConfigError, ExitCode
 from forwarder.http import HttpServer
 from forwarder.logs import redact
 from forwarder.metrics import ForwarderCollector, build_registry
+from forwarder.notify import Notifier, format_status
 from forwarder.sink import IDLE_PING_SECONDS, RedisWriter, make_client
 from forwarder.spool import DiskSpool, Route
 from forwarder.stats import State, SubscriptionStats, WriterStats
@@ -39,12 +41,16 @@ HANDLED_SIGNALS = (
     signal.SIGINT,  # Ctrl+C in a terminal
     signal.SIGTERM,  # systemctl stop, docker stop, kill
 )
+RELOAD_SIGNAL = signal.SIGHUP  # systemctl reload (ExecReload=kill -HUP)
 # Connection attempts per second across all subscriptions: 1,000 subscriptions dropped at once
 # come back within ~10 s without a spike at the upstream.
 CONNECT_RATE = 100.0
 CONNECT_BURST = 20
 # Redis must have answered within this many seconds for /readyz.
 REDIS_READY_AGE = 3 * IDLE_PING_SECONDS
+# The writer loop turns at least every IDLE_PING_SECONDS (and every second while retrying);
+# this long without a turn means it is wedged, and systemd should restart us.
+WRITER_STALL_SECONDS = 4 * IDLE_PING_SECONDS
 
 
 class Forwarder:
@@ -56,8 +62,18 @@ class Forwarder:
         client: redis.Redis | None = None,
         connect: Connector = websocket_connect,
         rand: Callable[[], float] = random.random,
+        notifier: Notifier | None = None,
+        watchdog_every: float | None = None,
+        reload: Callable[[], Config] | None = None,
     ) -> None:
         self.config = config
+        self._load = reload  # re-reads the configuration on SIGHUP; None: reload unsupported
+        self._reload_requested = False  # set by the SIGHUP handler, read by the main loop
+        self._rand = rand
+        self._connect = connect
+        # systemd: READY/STATUS/WATCHDOG/STOPPING (a no-op outside systemd).
+        self.notifier = notifier if notifier is not None else Notifier(None)
+        self._watchdog_every = watchdog_every  # seconds between WATCHDOG=1, None: off
         self.subscriptions = config.subscriptions()
         self.writer_stats = WriterStats()
         # The spool first: it may hold frames of an earlier run (even of subscriptions no
@@ -73,25 +89,19 @@ class Forwarder:
             fsync_interval=config.spool.fsync_interval,
             cache_bytes=config.spool.memory_bytes,
         )
-        self.stats = [SubscriptionStats(r.source, r.event, r.stream) for r in self.spool.routes]
+        self.stats = [
+            SubscriptionStats(r.source, r.event, r.stream, configured=i < len(routes))
+            for i, r in enumerate(self.spool.routes)
+        ]
         self.client = client if client is not None else make_client(config.redis)
         self.stop_event = threading.Event()
         self._signalled = False
         self._started_at = time.time()
         self._stopping = False
-        limiter = AttemptLimiter(CONNECT_RATE, CONNECT_BURST)
-        self.subscribers = [
-            Subscriber(
-                i,
-                sub,
-                self.stats[i],
-                self.spool,
-                limiter,
-                ReconnectBackoff(sub.source.backoff, rand),
-                connect,
-            )
-            for i, sub in enumerate(self.subscriptions)
-        ]
+        self._writer_progress = -1  # last seen RedisWriter.progress, and when it changed
+        self._writer_progress_at = time.monotonic()
+        self._limiter = AttemptLimiter(CONNECT_RATE, CONNECT_BURST)
+        self.subscribers = [self._subscriber(i, sub) for i, sub in enumerate(self.subscriptions)]
         self.writer = RedisWriter(
             self.client, self.spool, self.stats, self.writer_stats, config.redis, rand
         )
@@ -111,10 +121,30 @@ class Forwarder:
     def run(self) -> ExitCode:
         """Start, wait for SIGTERM/SIGINT, shut down. Main thread only."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
+        previous[RELOAD_SIGNAL] = signal.signal(RELOAD_SIGNAL, self._on_reload_signal)
         try:
             self.start()
+            # Ready once configuration, spool and metrics are up: not gated on the upstream,
+            # or an upstream outage would become a start-up timeout and a restart loop.
+            self.notifier.ready()
+            status = ""
+            watchdog_at = 0.0
             while not self.stop_event.wait(1.0):
+                if self._reload_requested:
+                    self._reload_requested = False
+                    self.reload()
                 self._watch()
+                line = self._status_line()
+                if line != status:
+                    status = line
+                    self.notifier.status(line)
+                now = time.monotonic()
+                every = self._watchdog_every
+                if every is not None and now - watchdog_at >= every and self._progressing(now):
+                    self.notifier.watchdog()
+                    watchdog_at = now
+            self.notifier.stopping()
+            self.notifier.extend_timeout(self.config.shutdown_timeout + 5.0)
             return self.shutdown()
         finally:
             for sig, handler in previous.items():
@@ -127,6 +157,82 @@ class Forwarder:
             os._exit(ExitCode.FORCED)
         self._signalled = True
         self.stop_event.set()
+
+    def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._reload_requested = True  # the main loop reloads within a second
+
+    def _subscriber(self, index: int, sub: Subscription) -> Subscriber:
+        return Subscriber(
+            index,
+            sub,
+            self.stats[index],
+            self.spool,
+            self._limiter,
+            ReconnectBackoff(sub.source.backoff, self._rand),
+            self._connect,
+        )
+
+    def reload(self) -> bool:
+        """Apply the configuration file again (SIGHUP). Main thread only.
+
+        Subscriptions whose settings did not change keep their connections; removed ones
+        stop, added ones start, changed ones restart. A new token in a token file needs no
+        reload: it is read before every connection attempt. Redis, metrics and spool
+        settings need a restart (a WARNING says so). An invalid file is refused with an
+        ERROR and the running configuration stays.
+        """
+        if self._load is None:
+            log.warning("SIGHUP ignored: this forwarder was started without a reloadable file")
+            return False
+        self.notifier.reloading()
+        try:
+            new = self._load()
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            self.notifier.ready()
+            return False
+        old = self.config
+        for name in ("redis", "metrics", "spool"):
+            if getattr(old, name) != getattr(new, name):
+                log.warning("reload: [%s] changed; that takes effect after a restart", name)
+        logging.getLogger().setLevel(new.log_level)
+        running = {s.subscription.key: s for s in self.subscribers}
+        wanted = {sub.key: sub for sub in new.subscriptions()}
+        leaving = [s for key, s in running.items() if not _same(wanted.get(key), s.subscription)]
+        kept = [s for key, s in running.items() if _same(wanted.get(key), s.subscription)]
+        # Stop what leaves (or changes) first, politely, so the upstream slots are free.
+        for subscriber in leaving:
+            subscriber.stop()
+        grace = time.monotonic() + CLOSE_ECHO_TIMEOUT
+        for subscriber in leaving:
+            subscriber.join(max(0.0, grace - time.monotonic()))
+            subscriber.force_stop()
+            subscriber.join(1.0)
+            self.stats[subscriber.index].configured = False
+        started = []
+        for key, sub in wanted.items():
+            if key in running and _same(sub, running[key].subscription):
+                continue
+            route = Route(sub.source.name, sub.event, sub.stream, sub.dead_letter_stream)
+            index = self.spool.add_route(route)
+            while len(self.stats) <= index:  # stats are indexed like the spool's routes
+                self.stats.append(SubscriptionStats(route.source, route.event, route.stream))
+            self.stats[index].configured = True
+            subscriber = self._subscriber(index, sub)
+            subscriber.start()
+            started.append(subscriber)
+        self.subscribers = kept + started
+        self.subscriptions = [s.subscription for s in self.subscribers]
+        self.config = replace(new, redis=old.redis, metrics=old.metrics, spool=old.spool)
+        log.info(
+            "reloaded %s: %d subscriptions kept, %d started, %d stopped",
+            new.path or "the configuration",
+            len(kept),
+            len(started),
+            len(leaving),
+        )
+        self.notifier.ready()
+        return True
 
     def start(self) -> None:
         """Bind the HTTP port and start every thread; returns at once."""
@@ -184,6 +290,24 @@ class Forwarder:
         log.info("stopped")
         return ExitCode.FAILURE if failed else ExitCode.OK
 
+    def _status_line(self) -> str:
+        _, info = self.ready()
+        return format_status(
+            info["connected"], info["subscriptions"], self.spool.pending()[0], info["redis_ok"]
+        )
+
+    def _progressing(self, now: float) -> bool:
+        """Evidence for WATCHDOG=1: no thread died, subscribers run, the writer loop turns."""
+        if self._failed_threads() or not self.writer.is_alive():
+            return False
+        if not all(s.is_alive() for s in self.subscribers):
+            return False
+        progress = self.writer.progress
+        if progress != self._writer_progress:
+            self._writer_progress = progress
+            self._writer_progress_at = now
+        return now - self._writer_progress_at < WRITER_STALL_SECONDS
+
     def _watch(self) -> None:
         failed = self._failed_threads()
         if failed:
@@ -208,16 +332,21 @@ class Forwarder:
         return not dead, {"healthy": not dead, "dead_threads": sorted(set(dead))}
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when Redis answered recently and enough subscriptions are connected.
+        """Ready when Redis takes our writes and enough subscriptions are connected.
 
-        Policy: Redis answered the writer within REDIS_READY_AGE seconds, and at least
+        Policy: Redis answered the writer within REDIS_READY_AGE seconds and is not refusing
+        writes for a configuration error (NOPERM, WRONGTYPE), at least
         `metrics.ready_min_connected` (a fraction, default 1.0 = all) of the subscriptions
         are connected, and the daemon is not shutting down.
         """
         last_ok = self.writer_stats.last_ok_at
-        redis_ok = last_ok is not None and time.monotonic() - last_ok <= REDIS_READY_AGE
+        redis_ok = (
+            last_ok is not None
+            and time.monotonic() - last_ok <= REDIS_READY_AGE
+            and self.writer_stats.config_error is None
+        )
         connected = sum(1 for s in self.stats if s.state is State.CONNECTED)
-        total = len(self.stats)
+        total = len(self.subscribers)
         enough = connected >= self.config.metrics.ready_min_connected * total
         ok = redis_ok and enough and not self._stopping
         return ok, {
@@ -233,6 +362,7 @@ class Forwarder:
         now = time.time()
         mono = time.monotonic()
         pending, nbytes = self.spool.pending()
+        pending_by_route = list(self.spool.pending_by_route)
         last_ok = self.writer_stats.last_ok_at
         ready, _ = self.ready()
         return {
@@ -254,7 +384,10 @@ class Forwarder:
                 "max_bytes": self.spool.max_bytes,
                 "corrupt_records": self.spool.stats.corrupt_records,
             },
-            "subscriptions": [self._subscription_status(s, now) for s in self.stats],
+            "subscriptions": [
+                {**self._subscription_status(s, now), "spool_pending": pending_by_route[i]}
+                for i, s in enumerate(self.stats)
+            ],
         }
 
     @staticmethod
@@ -284,4 +417,23 @@ class Forwarder:
             ),
             "close_codes": dict(s.close_codes),
             "handshake_failures": dict(s.handshake_failures),
+            "resubscribes": dict(s.resubscribes),
+            "displacements": s.displacements,
+            "flapping": s.flapping_until is not None and s.flapping_until > now,
+            "disconnected_seconds": round(s.blind_seconds(now), 3),
+            "token_expires_at": s.token_expires_at,
+            "gaps_recorded": s.gaps_recorded,
         }
+
+
+def _same(new: Subscription | None, old: Subscription) -> bool:
+    """Whether a reload leaves this subscription's connection as it is.
+
+    The source's `events` list is not part of it: adding an event to a source must not
+    reconnect the source's other events.
+    """
+    if new is None:
+        return False
+    return replace(new, source=replace(new.source, events=())) == replace(
+        old, source=replace(old.source, events=())
+    )

@@ -107,7 +107,8 @@ class ForwarderCollector(Collector):
             labels=LABELS,
         )
         for s in subs:
-            connected.add_metric(s.labels, 1.0 if s.state is State.CONNECTED else 0.0)
+            if s.configured:  # a spool-only leftover has no connection to be down
+                connected.add_metric(s.labels, 1.0 if s.state is State.CONNECTED else 0.0)
             last.add_metric(s.labels, s.last_message_at or 0.0)
             counts = list(s.latency.counts)
             buckets: list[tuple[str, float]] = []
@@ -119,6 +120,50 @@ class ForwarderCollector(Collector):
         yield connected
         yield last
         yield latency
+
+        # Upstream resilience (subscriber.py): displacement, blind time, token expiry.
+        yield labelled(
+            "forwarder_resubscribes",
+            "Make-before-break re-subscribes, by trigger (silence watchdog or periodic).",
+            "resubscribes",
+            "reason",
+        )
+        yield counter(
+            "forwarder_displacements",
+            "Re-subscribes after which traffic resumed at once: another client had the feed.",
+            "displacements",
+        )
+        wall_now = time.time()
+        flapping = GaugeMetricFamily(
+            "forwarder_flapping",
+            "1 while the watchdog stands down because another client keeps taking the feed.",
+            labels=LABELS,
+        )
+        blind = CounterMetricFamily(
+            "forwarder_disconnected_seconds",
+            "Seconds the subscription was not receiving: disconnected, or displaced (once seen).",
+            labels=LABELS,
+        )
+        expiry: dict[str, float] = {}
+        for s in subs:
+            until = s.flapping_until
+            flapping.add_metric(s.labels, 1.0 if until is not None and until > wall_now else 0.0)
+            blind.add_metric(s.labels, s.blind_seconds(wall_now))
+            exp = s.token_expires_at
+            if exp is not None:
+                # Subscriptions re-read the token at different times: the newest token (the
+                # latest exp) is the one the next reconnect will use.
+                expiry[s.source] = max(exp, expiry.get(s.source, exp))
+        yield flapping
+        yield blind
+        token = GaugeMetricFamily(
+            "forwarder_token_expiry_timestamp_seconds",
+            "The token's exp claim (read without verifying it); absent when it has none.",
+            labels=("source",),
+        )
+        for source, exp in expiry.items():
+            token.add_metric((source,), exp)
+        yield token
 
         errors = CounterMetricFamily(
             "forwarder_redis_errors", "Failed Redis calls by error class.", labels=("kind",)

@@ -71,7 +71,11 @@ while i <= #ARGV do
     local r = redis.pcall(unpack(cmd))
     if type(r) == 'table' and r.err then
       local e = r.err
-      if string.sub(e, 1, 6) == 'NOPERM' or string.sub(e, 1, 9) == 'WRONGTYPE' then
+      -- Redis 7.0 reports an ACL refusal inside a script as "ERR The user executing the
+      -- script can't run this command" or "can't access ... keys", not as NOPERM.
+      if string.sub(e, 1, 6) == 'NOPERM' or string.sub(e, 1, 9) == 'WRONGTYPE'
+          or string.find(e, "can't run", 1, true) or string.find(e, "can't access", 1, true)
+          or string.find(e, 'no permissions', 1, true) then
         redis.call('SET', KEYS[1], applied, 'EX', ARGV[1])
         return {written, errors, off, e}
       end
@@ -87,6 +91,7 @@ end
 return {written, errors}
 """
 CONFIG_ERROR_RETRY_SECONDS = 30.0
+CONFIG_ERROR_KINDS = ("noperm", "wrongtype")
 
 
 def error_kind(exc: BaseException) -> str:
@@ -104,6 +109,8 @@ def error_kind(exc: BaseException) -> str:
         if isinstance(exc, cls):
             return kind
     text = str(exc).upper()
+    if "CAN'T RUN" in text or "CAN'T ACCESS" in text or "NO PERMISSIONS" in text:
+        return "noperm"  # ACL refusals inside a script (Redis 7.0 words them this way)
     for prefix, kind in (
         ("OOM", "oom"),
         ("READONLY", "readonly"),
@@ -197,7 +204,9 @@ class RedisWriter:
             self._idle_ping()  # readiness knows about Redis from the first second
             while True:
                 self.progress += 1
-                batch = self._spool.peek(self._config.batch_max, IDLE_PING_SECONDS)
+                # Once stopping, do not wait for more: exit as soon as the spool is empty.
+                timeout = 0.0 if self._stopping.is_set() else IDLE_PING_SECONDS
+                batch = self._spool.peek(self._config.batch_max, timeout)
                 if not batch:
                     if self._stopping.is_set():
                         return
@@ -239,18 +248,10 @@ class RedisWriter:
             offset, error = stopped
             kind = error_kind(rex.ResponseError(error))
             self._wstats.errors[kind] = self._wstats.errors.get(kind, 0) + 1
-            self._wstats.config_error = error
             route = self._routes[dict(batch)[offset].subscription]
-            log.error(
-                "Redis refuses writes to %r (%s): fix the key or the ACL; frames stay in the "
-                "spool, retrying in %.0fs",
-                route.stream,
-                error,
-                CONFIG_ERROR_RETRY_SECONDS,
-            )
+            self._config_error(f"stream {route.stream!r}: {error}", len(batch))
             if self._wait(CONFIG_ERROR_RETRY_SECONDS):
                 return False
-        self._wstats.config_error = None
         rejected = self._account(batch, invalid, reply)
         if rejected:
             return self._dead_letter_rejected(rejected)
@@ -293,6 +294,13 @@ class RedisWriter:
             except rex.RedisError as exc:
                 kind = self._record_error(exc)
                 failures += 1
+                if kind in CONFIG_ERROR_KINDS:
+                    # The whole script refused (EVALSHA not allowed, a key not allowed): a
+                    # human must act. Loud, slow, and nothing leaves the spool meanwhile.
+                    self._config_error(str(exc), size)
+                    if self._wait(CONFIG_ERROR_RETRY_SECONDS):
+                        return None
+                    continue
                 delay = min(5.0, 0.05 * 2.0**failures) * (0.5 + self._rand() / 2.0)
                 if failures == 1 or failures % 20 == 0:
                     log.warning(
@@ -308,18 +316,40 @@ class RedisWriter:
                     return None
                 continue
             self._wstats.last_ok_at = time.monotonic()
+            self._wstats.config_error = None
             self._wstats.batches += 1
             if failures:
                 log.info("Redis writes recovered after %d failed attempts", failures)
             return reply
 
+    def _config_error(self, error: str, size: int) -> None:
+        self._wstats.config_error = error
+        log.error(
+            "Redis refuses our writes (%s): fix the key type or the ACL (see README, Redis "
+            "ACL); %d frames and everything after them stay in the spool; retrying in %.0fs",
+            error,
+            size,
+            CONFIG_ERROR_RETRY_SECONDS,
+        )
+
     def _wait(self, delay: float) -> bool:
-        """Sleep before a retry; True if we must give up (shutdown deadline or abandon)."""
-        remaining = self._deadline - time.monotonic()
-        if self._abandon.is_set() or (self._stopping.is_set() and remaining <= 0):
-            return True
-        self._abandon.wait(max(0.0, min(delay, remaining)))
-        return self._abandon.is_set()
+        """Sleep before a retry; True if we must give up (shutdown deadline or abandon).
+
+        Sleeps in slices of at most a second so `progress` keeps moving: waiting on Redis is
+        the writer doing its job, and the systemd watchdog must not kill us for it.
+        """
+        end = time.monotonic() + delay
+        while True:
+            self.progress += 1
+            now = time.monotonic()
+            remaining = self._deadline - now
+            if self._abandon.is_set() or (self._stopping.is_set() and remaining <= 0):
+                return True
+            step = min(1.0, end - now, max(remaining, 0.0))
+            if step <= 0:
+                return False
+            if self._abandon.wait(step):
+                return True
 
     def _prepare(
         self, batch: Batch, rejected: dict[int, str]

@@ -297,6 +297,19 @@ class DiskSpool:
             )
         return index
 
+    def add_route(self, route: Route) -> int:
+        """The index of `route`, registering it if new (a subscription added by a reload)."""
+        key = route.key()
+        with self._cond:
+            index = self._route_index.get(key)
+            if index is None:
+                index = len(self._routes)
+                self._routes.append(route)
+                self._route_keys.append(key)
+                self._route_index[key] = index
+                self.pending_by_route.append(0)
+            return index
+
     @property
     def routes(self) -> list[Route]:
         """Routes by index: the configured subscriptions first, then any found on disk."""

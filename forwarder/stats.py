@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import threading
 from dataclasses import dataclass, field
 
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -66,6 +67,9 @@ class SubscriptionStats:
     source: str
     event: str
     stream: str
+    # False for frames found in the spool whose subscription is no longer configured: they
+    # are still written (and counted) but have no connection to report.
+    configured: bool = True
     # Written by the subscriber thread.
     state: State = State.STARTING
     received: int = 0
@@ -86,8 +90,9 @@ class SubscriptionStats:
     )  # make-before-break re-subscribes completed, by what triggered them
     displacements: int = 0  # re-subscribes that showed another client had taken the feed
     flapping_until: float | None = None  # unix time; the watchdog stands down until then
-    disconnected_seconds: float = 0.0  # blind time of intervals already closed
-    blind_since: float | None = None  # unix time an open blind interval began (None: receiving)
+    # (seconds of blind intervals already closed, unix time the open one began or None),
+    # assigned as one tuple so that a reader never sees half an update.
+    blind: tuple[float, float | None] = (0.0, None)
     token_expires_at: float | None = None  # the token's `exp` claim (unverified), unix time
     # Written by the writer thread.
     forwarded: int = 0
@@ -95,15 +100,26 @@ class SubscriptionStats:
     gaps_recorded: int = 0  # gap records written to the gap stream
     invalid: dict[str, int] = field(default_factory=dict)  # reason -> frames dead-lettered
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    # Written by readers of blind_seconds() (scrapes), under _blind_lock.
+    _blind_reported: float = field(default=0.0, repr=False)
+    _blind_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def labels(self) -> tuple[str, str]:
         return (self.source, self.event)
 
     def blind_seconds(self, now: float) -> float:
-        """Closed blind time plus the open interval up to `now` (unix time). Any thread."""
-        since = self.blind_since  # read once: the subscriber thread may clear it meanwhile
-        return self.disconnected_seconds + (max(0.0, now - since) if since is not None else 0.0)
+        """Closed blind time plus the open interval up to `now` (unix time). Any thread.
+
+        Never smaller than a value returned before: the open interval is measured with the
+        reader's clock and closed with the subscriber's, and a counter must not go backwards.
+        """
+        closed, since = self.blind
+        value = closed + (max(0.0, now - since) if since is not None else 0.0)
+        with self._blind_lock:
+            value = max(value, self._blind_reported)
+            self._blind_reported = value
+        return value
 
 
 @dataclass(eq=False)

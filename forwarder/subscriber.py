@@ -8,33 +8,80 @@ swallow exceptions, and it has no frame size limit.
 The reader never waits on Redis: frames go to the spool and the loop returns to `recv`. The
 server never pings, so we ping when the connection has been silent for `ping_interval` and
 give up when neither a pong nor any other byte arrives within `ping_timeout`.
+
+Displacement. The upstream keeps one connection per (instance, event) and a newer one takes
+the feed without telling the older, which stays open and receives nothing
+(upstream-protocol.md section 5). Pings cannot see that, so a silence watchdog does: no data
+frame for `silence_timeout` triggers a make-before-break re-subscribe. We open the new
+connection B while the old one A is still open (B takes the feed at once), send a close frame
+on A and keep reading A until its close echo, EOF or a short deadline (spooling every data
+frame still in flight), and only then read B, whose frames wait in its kernel buffer meanwhile.
+So arrival order per stream is kept and nothing in flight is lost. `resubscribe_interval`
+does the same periodically.
+
+A quiet event (`call.upsert` can be silent for hours) and a displaced one look the same from
+the old connection. What tells them apart is the new one: a re-subscribe counts as a
+*displacement* only when the old connection had been silent for at least
+EVIDENCE_SILENCE_FACTOR evidence windows, yielded nothing while being drained (frames in
+flight there show it held the feed until the switch), and the new one then receives
+EVIDENCE_FRAMES data frames within one window W (silence_timeout / 100, between 0.1 and 30 s;
+3 s by default): traffic that resumes at once after a long silence was flowing to someone
+else. A quiet event shows nothing on either connection and never counts: a Poisson-quiet
+event passes the test with probability below 1e-6 per watchdog firing, and a burst of
+activity counts only if it starts within W of a re-subscribe (1% of bursts with the
+defaults), so a quiet event reaching the flapping threshold is practically impossible.
+A confirmed displacement is recorded as a gap; `flap_threshold` of them within `flap_window`
+mean another client keeps taking the feed back, and instead of fighting it the watchdog
+stands down for `flap_backoff` (doubling on each repeat, up to 8x) after an ERROR naming the
+likely cause.
+
+Gap records. Every interval in which the subscription was not receiving goes to the spool as
+a GAP entry (`{"start": ms, "end": ms, "cause": ..., ...}`), which the writer appends to the
+gap stream. Causes: `close:CODE` (the connection ended; `close:1006` for drops and timeouts),
+`startup` (the first connection needed retries), `watchdog`/`periodic` (a displacement found
+by that re-subscribe). Disconnections start when the loss was detected, or at the last byte
+received for timeouts (ping, stalled frame), and end when the next handshake completed; a
+displacement starts at the last data frame received and ends when the new connection took the
+feed (the displacement happened somewhere in between: an upper bound).
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import contextlib
 import logging
+import math
 import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
+import orjson
 import websocket
 
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
 from forwarder.config import Secret, Subscription, redact_url
 from forwarder.errors import ConfigError, ConnectFailed, HandshakeRejected
 from forwarder.frames import FrameParser, Opcode, ProtocolViolation, close_code
-from forwarder.spool import DiskSpool, Entry, entry_size
+from forwarder.spool import GAP, DiskSpool, Entry, entry_size
 from forwarder.stats import State, SubscriptionStats
 
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 256 * 1024
 DROP_LOG_INTERVAL = 10.0  # seconds between two ERROR lines about a full buffer
-CLOSE_ECHO_TIMEOUT = 2.0  # how long a stopping subscriber waits for the server's close frame
+CLOSE_ECHO_TIMEOUT = 2.0  # how long a closing connection is read for the server's close frame
+TOKEN_CHECK_INTERVAL = 60.0  # re-read the token's exp claim this often while connected
+# Displacement evidence (see the module docstring).
+EVIDENCE_FRAMES = 3  # more than the 2 frames one API send can produce on messages.upsert
+EVIDENCE_WINDOW_MIN = 0.1
+EVIDENCE_WINDOW_MAX = 30.0
+EVIDENCE_SILENCE_FACTOR = 4.0
+FLAP_BACKOFF_MAX_FACTOR = 8  # the flap back-off doubles on each repeat, up to this factor
 
 
 class Connection(Protocol):
@@ -83,11 +130,122 @@ def close_code_label(code: int) -> str:
     return "invalid"
 
 
+def token_expiry(token: Secret) -> float | None:
+    """The `exp` claim of a JWT, read without verifying the signature; None if absent.
+
+    Never raises and never puts the token into an exception or a log line.
+    """
+    parts = token.reveal().split(".")
+    if len(parts) != 3:
+        return None
+    segment = parts[1]
+    try:
+        claims = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    except ValueError:  # binascii.Error and orjson.JSONDecodeError are ValueErrors
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    value = float(exp)
+    return value if math.isfinite(value) else None
+
+
+def evidence_window(silence_timeout: float) -> float:
+    """W: how soon traffic must resume on a new connection to show the old one was displaced."""
+    if silence_timeout <= 0:
+        return EVIDENCE_WINDOW_MAX
+    return min(EVIDENCE_WINDOW_MAX, max(EVIDENCE_WINDOW_MIN, silence_timeout / 100.0))
+
+
+# One WARNING per (source, token) and stage, however many subscriptions read the token.
+_expiry_lock = threading.Lock()
+_expiry_warned: dict[tuple[str, str], tuple[float, str]] = {}
+
+
+def _first_expiry_warning(source: str, origin: str, exp: float, stage: str) -> bool:
+    with _expiry_lock:
+        key = (source, origin)
+        previous = _expiry_warned.get(key)
+        if previous in ((exp, stage), (exp, "expired")):
+            return False
+        _expiry_warned[key] = (exp, stage)
+        return True
+
+
+class _Link:
+    """One open WebSocket and its read state. Owned by the subscriber thread, except
+    `close_sent`, which stop() may set under the subscriber's lock."""
+
+    __slots__ = (
+        "close_sent",
+        "conn",
+        "data_frames",
+        "last_data",
+        "last_rx",
+        "last_rx_wall",
+        "opened",
+        "opened_wall",
+        "parser",
+        "ping_sent",
+        "retry_at",
+    )
+
+    def __init__(self, conn: Connection, max_frame_bytes: int, now: float, wall: float) -> None:
+        self.conn = conn
+        self.parser = FrameParser(max_frame_bytes)
+        self.close_sent = False
+        self.opened = now  # monotonic
+        self.opened_wall = wall  # unix time the handshake completed: when we took the feed
+        self.last_rx = now  # monotonic time of the last byte received
+        self.last_rx_wall = wall
+        self.last_data = now  # monotonic time of the last data frame (or of the handshake)
+        self.ping_sent: float | None = None
+        self.retry_at = 0.0  # no re-subscribe before this (monotonic), after a failed one
+        self.data_frames = 0
+
+
+@dataclass(frozen=True)
+class _End:
+    """A connection ended: close code label, explanation, unix time the feed was lost."""
+
+    label: str
+    why: str
+    lost_at: float
+
+
+@dataclass(frozen=True)
+class _Resubscribe:
+    reason: str  # "silence" or "periodic"
+
+
+@dataclass
+class _Gap:
+    """An open interval in which the subscription is not receiving."""
+
+    start: float  # unix time
+    cause: str
+    detail: str
+    attempts: int = 0  # failed connection attempts since
+    handshake: str | None = None  # the last failed attempt's status ("401", "error", "token")
+
+
+@dataclass
+class _Probe:
+    """Watching a new connection for displacement evidence (see the module docstring)."""
+
+    link: _Link
+    cause: str  # "watchdog" or "periodic"
+    silent_since: float  # unix time of the last data frame before the re-subscribe
+    silent_for: float  # seconds
+    until: float  # monotonic end of the evidence window
+    frames: int = 0
+
+
 class Subscriber:
     """Owns one thread that keeps one subscription connected and spools what it receives.
 
     `start()` returns at once. `stop()` asks for a graceful end (a close frame, then the
-    server's echo, so frames in flight are still read); `force_stop()` shuts the socket down.
+    server's echo, so frames in flight are still read); `force_stop()` shuts the sockets down.
     Both are idempotent and callable from any thread; then `join()`.
     """
 
@@ -116,16 +274,35 @@ class Subscriber:
         self._name = f"{subscription.source.name}/{subscription.event}"
         self._thread = threading.Thread(target=self._run, name=f"sub:{self._name}", daemon=True)
         self._stop = threading.Event()
-        # The live connection, shared with stop()/force_stop() on other threads.
+        # The open connections (two during a make-before-break), shared with stop() and
+        # force_stop() on other threads; the list and each link's close_sent are guarded.
         self._lock = threading.Lock()
-        self._conn: Connection | None = None
-        self._close_sent = False
+        self._links: list[_Link] = []
+        self._forced = False  # force_stop() ran: a connection opened later is shut at once
         self._last_drop_log = -DROP_LOG_INTERVAL
+        # Subscriber-thread state for gaps, displacement and flapping.
+        self._gap: _Gap | None = None
+        self._heard_wall = 0.0  # unix time of the last data frame, or of the last (re)connect
+        self._probe: _Probe | None = None
+        self._displaced_at: collections.deque[float] = collections.deque()
+        self._flap_until = -math.inf  # monotonic; the watchdog stands down until then
+        self._flap_level = 0
+        self._quiet_resubscribes = 0  # consecutive silence re-subscribes that found nothing
+        self._next_token_check = 0.0  # monotonic
         self.failed: BaseException | None = None  # set if the thread died of a bug
 
     @property
     def name(self) -> str:
         return self._name
+
+    @property
+    def index(self) -> int:
+        """The subscription's index in the spool's routes (and the daemon's stats)."""
+        return self._index
+
+    @property
+    def subscription(self) -> Subscription:
+        return self._sub
 
     @property
     def redacted_url(self) -> str:
@@ -135,31 +312,37 @@ class Subscriber:
         self._thread.start()
 
     def stop(self) -> None:
-        """Begin a graceful stop: no new connection; the current one is closed politely."""
+        """Begin a graceful stop: no new connection; open ones are closed politely.
+
+        Non-blocking (one small write per open connection).
+        """
         self._stop.set()
         with self._lock:
-            conn = self._conn
-            if conn is None or self._close_sent:
-                return
-            self._close_sent = True
+            links = [link for link in self._links if not link.close_sent]
+            for link in links:
+                link.close_sent = True
+        if not links:
+            return
         if self._source.url.startswith("wss:"):
             # OpenSSL objects must not be written while another thread reads them.
             self.force_stop()
             return
-        try:
-            conn.send_close(1001, b"")  # going away
-        except (OSError, websocket.WebSocketException):
-            self.force_stop()
+        for link in links:
+            try:
+                link.conn.send_close(1001, b"")  # going away
+            except (OSError, websocket.WebSocketException):
+                self.force_stop()
 
     def force_stop(self) -> None:
-        """Shut the socket down so a blocked `recv` returns at once."""
+        """Shut the sockets down so a blocked `recv` returns at once. Non-blocking."""
         self._stop.set()
         with self._lock:
-            conn = self._conn
-        sock = conn.sock if conn is not None else None
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            self._forced = True
+            socks = [link.conn.sock for link in self._links]
+        for sock in socks:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def join(self, timeout: float | None = None) -> None:
         if self._thread.is_alive():
@@ -177,11 +360,16 @@ class Subscriber:
             self.failed = exc
             log.exception("%s: subscriber thread crashed", self._name)
         finally:
+            with contextlib.suppress(Exception):  # never mask the crash being reported
+                self._close_gap(self._wall(), recovered=False)
             self._stats.state = State.STOPPED
             self._stats.next_attempt_at = None
 
     def _loop(self) -> None:
         stats = self._stats
+        # Until the first connection we are not receiving either: counted as blind time, and
+        # recorded as a gap if the first connection needs retries.
+        self._open_gap(self._wall(), "startup", "not connected yet")
         first = True
         while not self._stop.is_set():
             if not self._limiter.acquire(self._stop):
@@ -203,170 +391,336 @@ class Subscriber:
         """Connect once and read until the connection ends; return the delay before the next."""
         stats = self._stats
         try:
-            token = self._source.token.read()
-            conn = self._connect(self._url(token), self._source.connect_timeout)
-        except ConfigError as exc:
-            stats.last_error = str(exc)
-            delay = self._backoff.after_auth_failure()
-            log.error("%s: %s; retrying in %.1fs", self._name, exc, delay)
-            return delay
-        except HandshakeRejected as exc:
-            status = str(exc.status)
-            stats.handshake_failures[status] = stats.handshake_failures.get(status, 0) + 1
-            stats.last_handshake_status = status
-            stats.last_error = str(exc)
-            if exc.status in (401, 403):
-                delay = self._backoff.after_auth_failure()
-                log.error(
-                    "%s: %s rejected the subscription with HTTP %d: the token is invalid, "
-                    "expired or signed with another secret, or the server does not know the "
-                    "event name; retrying in %.1fs",
-                    self._name,
-                    self.redacted_url,
-                    exc.status,
-                    delay,
-                )
-            else:
-                delay = self._backoff.after_failure()
-                log.warning(
-                    "%s: handshake failed with HTTP %d; retrying in %.1fs",
-                    self._name,
-                    exc.status,
-                    delay,
-                )
-            return delay
-        except ConnectFailed as exc:
-            stats.handshake_failures["error"] = stats.handshake_failures.get("error", 0) + 1
-            stats.last_error = str(exc)
-            delay = self._backoff.after_failure()
-            log.warning(
-                "%s: cannot connect to %s (%s); retrying in %.1fs",
-                self._name,
-                self.redacted_url,
-                exc,
-                delay,
-            )
+            conn = self._dial()
+        except (ConfigError, HandshakeRejected, ConnectFailed) as exc:
+            label, delay = self._dial_failed(exc, resubscribing=False)
+            if self._gap is not None:
+                self._gap.attempts += 1
+                self._gap.handshake = label
             return delay
 
-        with self._lock:
-            self._conn = conn
-            self._close_sent = False
-        if self._stop.is_set():  # stop() ran while we were connecting
-            self.force_stop()
-        started = self._clock()
+        link = self._register(conn)
+        started = link.opened
+        self._close_gap(link.opened_wall, recovered=True)
+        self._heard_wall = link.opened_wall
         stats.last_handshake_status = "101"
-        stats.connected_since = self._wall()
+        stats.connected_since = link.opened_wall
         stats.state = State.CONNECTED
         log.info("%s: connected to %s", self._name, self.redacted_url)
         try:
-            label, why = self._read(conn)
+            end = self._session(link)
         finally:
             with self._lock:
-                self._conn = None
+                links, self._links = self._links, []
+            for open_link in links:
+                _close_quietly(open_link.conn)
             stats.connected_since = None
             stats.state = State.CONNECTING
-            _close_quietly(conn)
+            self._probe = None
         lasted = self._clock() - started
         self._backoff.connection_lasted(lasted)
         if self._stop.is_set():
             log.info("%s: disconnected (stopping)", self._name)
             return 0.0
-        stats.close_codes[label] = stats.close_codes.get(label, 0) + 1
-        stats.last_close_code = label
-        stats.last_error = why
+        stats.close_codes[end.label] = stats.close_codes.get(end.label, 0) + 1
+        stats.last_close_code = end.label
+        stats.last_error = end.why
+        self._open_gap(end.lost_at, f"close:{end.label}", end.why)
         delay = self._backoff.after_failure()
         log.info(
             "%s: connection closed after %.1fs (code %s: %s); reconnecting in %.2fs",
             self._name,
             lasted,
-            label,
-            why,
+            end.label,
+            end.why,
             delay,
         )
         return delay
+
+    def _dial(self) -> Connection:
+        """Read the token and open a connection. Raises ConfigError, HandshakeRejected or
+        ConnectFailed (none of which carries the token)."""
+        token = self._source.token.read()
+        self._token_read(token)
+        return self._connect(self._url(token), self._source.connect_timeout)
+
+    def _dial_failed(self, exc: Exception, resubscribing: bool) -> tuple[str, float]:
+        """Count and log a failed connection attempt; return (status label, delay)."""
+        stats = self._stats
+        stats.last_error = str(exc)
+        keeping = "; keeping the current connection" if resubscribing else ""
+        if isinstance(exc, ConfigError):
+            delay = self._backoff.after_auth_failure()
+            log.error("%s: %s%s; retrying in %.1fs", self._name, exc, keeping, delay)
+            return "token", delay
+        if isinstance(exc, HandshakeRejected):
+            status = str(exc.status)
+            stats.handshake_failures[status] = stats.handshake_failures.get(status, 0) + 1
+            stats.last_handshake_status = status
+            if exc.status in (401, 403):
+                delay = self._backoff.after_auth_failure()
+                log.error(
+                    "%s: %s rejected the subscription with HTTP %d: the token is invalid, "
+                    "expired or signed with another secret, or the server does not know the "
+                    "event name%s%s; retrying in %.1fs",
+                    self._name,
+                    self.redacted_url,
+                    exc.status,
+                    self._expired_note(),
+                    keeping,
+                    delay,
+                )
+            else:
+                delay = self._backoff.after_failure()
+                log.warning(
+                    "%s: handshake failed with HTTP %d%s; retrying in %.1fs",
+                    self._name,
+                    exc.status,
+                    keeping,
+                    delay,
+                )
+            return status, delay
+        stats.handshake_failures["error"] = stats.handshake_failures.get("error", 0) + 1
+        delay = self._backoff.after_failure()
+        log.warning(
+            "%s: cannot connect to %s (%s)%s; retrying in %.1fs",
+            self._name,
+            self.redacted_url,
+            exc,
+            keeping,
+            delay,
+        )
+        return "error", delay
+
+    def _expired_note(self) -> str:
+        exp = self._stats.token_expires_at
+        if exp is None or exp > self._wall():
+            return ""
+        return f" (this token's exp claim says it expired at {_utc(exp)})"
+
+    def _register(self, conn: Connection) -> _Link:
+        link = _Link(conn, self._source.max_frame_bytes, self._clock(), self._wall())
+        with self._lock:
+            self._links.append(link)
+            forced = self._forced
+        if forced and conn.sock is not None:  # force_stop() ran while we were connecting
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        return link
+
+    def _release(self, link: _Link) -> None:
+        with self._lock:
+            if link in self._links:
+                self._links.remove(link)
+        _close_quietly(link.conn)
 
     def _url(self, token: Secret) -> str:
         event = quote(self._sub.event, safe="")
         return f"{self._source.url}?event={event}&token={quote(token.reveal(), safe='')}"
 
-    def _read(self, conn: Connection) -> tuple[str, str]:
-        """Read frames until the connection ends; return (close code label, explanation)."""
-        sock = conn.sock
-        if sock is None:
-            return "1006", "socket closed during the handshake"
+    # -- a session: one connection, then its make-before-break replacements -------------------
+
+    def _session(self, link: _Link) -> _End:
+        """Read `link` and its replacements until the last one ends."""
+        while True:
+            result = self._read(link)
+            if isinstance(result, _End):
+                return result
+            replacement = self._replace(link, result.reason)
+            if replacement is not None:
+                link = replacement
+
+    def _replace(self, old: _Link, reason: str) -> _Link | None:
+        """Make-before-break: open a new connection, drain the old one, switch.
+
+        Returns the new link, or None (the old one stays) if the new one could not be opened.
+        """
+        stats = self._stats
+        if not self._limiter.acquire(self._stop):
+            return None
+        try:
+            conn = self._dial()
+        except (ConfigError, HandshakeRejected, ConnectFailed) as exc:
+            _, delay = self._dial_failed(exc, resubscribing=True)
+            old.retry_at = self._clock() + delay
+            return None
+        new = self._register(conn)  # the upstream now sends to the new connection
+        silent_for = new.opened - old.last_data
+        before = old.data_frames
+        end = self._read(old, draining=True)
+        assert isinstance(end, _End)  # a draining read never asks for a re-subscribe
+        self._release(old)
+        drained = old.data_frames - before
+        stats.resubscribes[reason] = stats.resubscribes.get(reason, 0) + 1
+        self._backoff.reset()  # the upstream just accepted us
+        window = evidence_window(self._source.silence_timeout)
+        # Frames drained from the old connection show it held the feed until just now: not
+        # displaced, whatever the new one receives.
+        evidence = silent_for >= EVIDENCE_SILENCE_FACTOR * window and not drained
+        if evidence and not self._stop.is_set():
+            self._probe = _Probe(
+                link=new,
+                cause="watchdog" if reason == "silence" else "periodic",
+                silent_since=self._heard_wall,
+                silent_for=silent_for,
+                until=self._clock() + window,
+            )
+        if reason == "silence":
+            self._quiet_resubscribes += 1
+            level = logging.INFO if self._quiet_resubscribes == 1 else logging.DEBUG
+            log.log(
+                level,
+                "%s: no data frame for %.0fs: re-subscribed (make-before-break, %d frames "
+                "drained from the old connection: %s); a quiet event repeats this every "
+                "%.0fs, logged at DEBUG until frames arrive",
+                self._name,
+                silent_for,
+                drained,
+                end.why,
+                self._source.silence_timeout,
+            )
+        else:
+            log.info(
+                "%s: periodic re-subscribe (make-before-break, %d frames drained from the old "
+                "connection: %s)",
+                self._name,
+                drained,
+                end.why,
+            )
+        return new
+
+    def _due_resubscribe(self, link: _Link, now: float) -> tuple[str | None, float]:
+        """(the reason a re-subscribe is due now, or None; monotonic time to look again)."""
         source = self._source
-        parser = FrameParser(source.max_frame_bytes)
+        candidates: list[tuple[float, str]] = []
+        if source.silence_timeout > 0:
+            candidates.append((link.last_data + source.silence_timeout, "silence"))
+        if source.resubscribe_interval > 0:
+            candidates.append((link.opened + source.resubscribe_interval, "periodic"))
+        if not candidates:
+            return None, math.inf
+        due, reason = min(candidates)
+        # Not while standing down after flapping, nor before a failed attempt's back-off.
+        due = max(due, link.retry_at, self._flap_until)
+        return (reason if now >= due else None), due
+
+    def _read(self, link: _Link, draining: bool = False) -> _End | _Resubscribe:
+        """Read frames until the connection ends or a re-subscribe is due.
+
+        `draining`: a replacement holds the feed; send a close frame and read until the
+        server's echo, EOF or CLOSE_ECHO_TIMEOUT, spooling every data frame still in flight.
+        """
+        sock = link.conn.sock
+        if sock is None:
+            return _End("1006", "socket closed during the handshake", self._wall())
+        source = self._source
+        parser = link.parser
         clock = self._clock
-        last_rx = clock()
-        ping_sent: float | None = None
-        stop_seen_at: float | None = None
+        closing_since: float | None = None
         while True:
             now = clock()
-            if self._stop.is_set():
-                # Stopping: we sent a close frame; read until the echo, but not forever.
-                if stop_seen_at is None:
-                    stop_seen_at = now
-                deadline = stop_seen_at + CLOSE_ECHO_TIMEOUT
+            stopping = self._stop.is_set()
+            if draining or stopping:
+                # Close politely and read until the echo, but not forever.
+                self._send_close(link, 1001 if stopping else 1000)
+                if closing_since is None:
+                    closing_since = now
+                deadline = closing_since + CLOSE_ECHO_TIMEOUT
                 if now >= deadline:
-                    return "1006", "no close echo from the server"
-            elif ping_sent is None:
-                deadline = last_rx + source.ping_interval
+                    return _End("1006", "no close echo from the server", self._wall())
             else:
-                deadline = ping_sent + source.ping_timeout
+                reason, due = self._due_resubscribe(link, now)
+                if reason is not None:
+                    return _Resubscribe(reason)
+                if now >= self._next_token_check:
+                    self._check_token()
+                if link.ping_sent is None:
+                    deadline = link.last_rx + source.ping_interval
+                else:
+                    deadline = link.ping_sent + source.ping_timeout
+                deadline = min(deadline, due, self._next_token_check)
             if parser.mid_message:
-                deadline = min(deadline, last_rx + source.read_timeout)
+                deadline = min(deadline, link.last_rx + source.read_timeout)
             sock.settimeout(max(0.01, deadline - now))
             try:
                 data = sock.recv(RECV_BYTES)
             except TimeoutError:
                 now = clock()
-                if parser.mid_message and now - last_rx >= source.read_timeout:
-                    return "1006", f"stalled for {source.read_timeout:g}s in the middle of a frame"
-                if ping_sent is not None and now - ping_sent >= source.ping_timeout:
-                    return "1006", f"no pong within {source.ping_timeout:g}s"
-                idle = now - last_rx >= source.ping_interval
-                if ping_sent is None and idle and not self._stop.is_set():
-                    ping_sent = now
+                if parser.mid_message and now - link.last_rx >= source.read_timeout:
+                    return _End(
+                        "1006",
+                        f"stalled for {source.read_timeout:g}s in the middle of a frame",
+                        link.last_rx_wall,
+                    )
+                if closing_since is not None:
+                    continue
+                if link.ping_sent is not None and now - link.ping_sent >= source.ping_timeout:
+                    return _End(
+                        "1006", f"no pong within {source.ping_timeout:g}s", link.last_rx_wall
+                    )
+                if link.ping_sent is None and now - link.last_rx >= source.ping_interval:
+                    link.ping_sent = now
                     try:
-                        conn.ping(b"")
+                        link.conn.ping(b"")
                     except (OSError, websocket.WebSocketException) as exc:
-                        return "1006", f"ping failed: {_describe(exc)}"
+                        return _End("1006", f"ping failed: {_describe(exc)}", self._wall())
                 continue
             except OSError as exc:
-                return "1006", _describe(exc)
+                return _End("1006", _describe(exc), self._wall())
+            received_at = self._wall()
             if not data:
-                return "1006", "the server closed the TCP connection without a close frame"
-            last_rx = clock()
-            ping_sent = None  # any byte shows the peer is alive
+                return _End(
+                    "1006",
+                    "the server closed the TCP connection without a close frame",
+                    received_at,
+                )
+            link.last_rx = clock()
+            link.last_rx_wall = received_at
+            link.ping_sent = None  # any byte shows the peer is alive
             try:
                 messages = parser.feed(data)
             except ProtocolViolation as exc:
-                self._send_close(conn, 1002)
-                return "1002", f"protocol error: {exc}"
-            received_at = self._wall()
+                self._send_close(link, 1002)
+                return _End("1002", f"protocol error: {exc}", received_at)
             entries: list[Entry] = []
             for opcode, payload in messages:
                 if opcode >= Opcode.CLOSE:
                     assert isinstance(payload, bytes)
                     if opcode == Opcode.CLOSE:
-                        self._store(entries)
+                        self._store(link, entries)
                         code = close_code(payload)
-                        self._send_close(conn, code)
-                        reason = payload[2:125].decode("utf-8", "replace")
-                        return close_code_label(code), f"closed by the server: {code} {reason}"
+                        self._send_close(link, code)
+                        reason_text = payload[2:125].decode("utf-8", "replace")
+                        return _End(
+                            close_code_label(code),
+                            f"closed by the server: {code} {reason_text}",
+                            received_at,
+                        )
                     if opcode == Opcode.PING:
                         # A failure here shows up as an error on the next recv.
                         with contextlib.suppress(OSError, websocket.WebSocketException):
-                            conn.pong(payload)
+                            link.conn.pong(payload)
                     continue
                 entries.append(Entry(self._index, opcode, payload, received_at))
             if entries:
-                self._store(entries)
+                self._store(link, entries)
 
-    def _store(self, entries: list[Entry]) -> None:
+    def _store(self, link: _Link, entries: list[Entry]) -> None:
         if not entries:
             return
         stats = self._stats
+        link.last_data = link.last_rx
+        link.data_frames += len(entries)
+        self._heard_wall = entries[-1].received_at
+        self._quiet_resubscribes = 0
+        probe = self._probe
+        if probe is not None and probe.link is link:
+            probe.frames += len(entries)
+            if link.last_rx > probe.until:
+                self._probe = None
+            elif probe.frames >= EVIDENCE_FRAMES:
+                self._probe = None
+                self._displaced(probe)
         nbytes = sum(entry_size(e) for e in entries)
         stats.received += len(entries)
         stats.received_bytes += nbytes
@@ -389,15 +743,163 @@ class Subscriber:
             )
         entries.clear()
 
-    def _send_close(self, conn: Connection, code: int) -> None:
+    def _send_close(self, link: _Link, code: int) -> None:
         with self._lock:
-            if self._close_sent:
+            if link.close_sent:
                 return
-            self._close_sent = True
+            link.close_sent = True
         if not (1000 <= code <= 4999) or code in (1005, 1006, 1015):
             code = 1000
         with contextlib.suppress(OSError, websocket.WebSocketException):
-            conn.send_close(code, b"")  # the connection is ending anyway
+            link.conn.send_close(code, b"")  # the connection is ending anyway
+
+    # -- displacement and flapping ------------------------------------------------------------
+
+    def _displaced(self, probe: _Probe) -> None:
+        """The new connection proved the old one had been starved: record it, detect flapping."""
+        stats = self._stats
+        source = self._source
+        stats.displacements += 1
+        start, end = probe.silent_since, probe.link.opened_wall
+        self._emit_gap(start, end, probe.cause, "displaced by another connection", recovered=True)
+        closed, since = stats.blind
+        stats.blind = (closed + max(0.0, end - start), since)
+        log.warning(
+            "%s: displaced: the old connection received nothing for %.1fs and traffic resumed "
+            "at once on the new one, so another client with the same token had taken this "
+            "event's feed (blind from %s to %s, recorded in the gap stream)",
+            self._name,
+            probe.silent_for,
+            _utc(start),
+            _utc(end),
+        )
+        now = self._clock()
+        if now - self._flap_until > source.flap_window:
+            self._flap_level = 0  # the last flapping episode is long over
+        times = self._displaced_at
+        times.append(now)
+        while times and now - times[0] > source.flap_window:
+            times.popleft()
+        if len(times) < source.flap_threshold:
+            return
+        times.clear()
+        self._flap_level += 1
+        factor = min(2 ** (self._flap_level - 1), FLAP_BACKOFF_MAX_FACTOR)
+        pause = source.flap_backoff * factor
+        self._flap_until = now + pause
+        stats.flapping_until = self._wall() + pause
+        log.error(
+            "%s: flapping: displaced %d times within %.0fs. The upstream keeps one connection "
+            "per instance and event and the newest silently wins, so another client keeps "
+            "taking this feed: most likely a second forwarder (or another consumer) using the "
+            "same token, or the instance's QR code page (GET /instance/qrcode/{instance}) left "
+            "open. Not fighting it: no watchdog re-subscribe for %.0fs (forwarder_flapping); "
+            "run exactly one consumer per token",
+            self._name,
+            source.flap_threshold,
+            source.flap_window,
+            pause,
+        )
+
+    # -- gaps ---------------------------------------------------------------------------------
+
+    def _open_gap(self, start: float, cause: str, detail: str) -> None:
+        self._gap = _Gap(start, cause, detail)
+        closed, _ = self._stats.blind
+        self._stats.blind = (closed, start)
+
+    def _close_gap(self, end: float, recovered: bool) -> None:
+        gap = self._gap
+        if gap is None:
+            return
+        self._gap = None
+        closed, _ = self._stats.blind
+        self._stats.blind = (closed + max(0.0, end - gap.start), None)
+        if gap.cause == "startup" and not gap.attempts:
+            return  # a first connection that simply worked is not a gap worth a record
+        self._emit_gap(
+            gap.start, end, gap.cause, gap.detail, recovered, gap.attempts, gap.handshake
+        )
+
+    def _emit_gap(
+        self,
+        start: float,
+        end: float,
+        cause: str,
+        detail: str,
+        recovered: bool,
+        attempts: int = 0,
+        handshake: str | None = None,
+    ) -> None:
+        record: dict[str, int | str] = {
+            "start": int(start * 1000),
+            "end": int(max(start, end) * 1000),
+            "cause": cause,
+            "recovered": int(recovered),
+            "attempts": attempts,
+            "detail": detail[:200],
+        }
+        if handshake is not None:
+            record["handshake"] = handshake
+        entry = Entry(self._index, GAP, orjson.dumps(record), end)
+        if not self._spool.append([entry], entry_size(entry)):
+            log.warning(
+                "%s: buffer full: the gap record %s..%s (%s) could not be kept",
+                self._name,
+                _utc(start),
+                _utc(end),
+                cause,
+            )
+
+    # -- token expiry -------------------------------------------------------------------------
+
+    def _token_read(self, token: Secret) -> None:
+        self._stats.token_expires_at = token_expiry(token)
+        self._next_token_check = self._clock() + TOKEN_CHECK_INTERVAL
+        self._warn_expiry()
+
+    def _check_token(self) -> None:
+        """While connected: re-read the token (a rotated file) and warn ahead of its expiry."""
+        self._next_token_check = self._clock() + TOKEN_CHECK_INTERVAL
+        with contextlib.suppress(ConfigError):  # the next connection attempt reports it
+            self._stats.token_expires_at = token_expiry(self._source.token.read())
+        self._warn_expiry()
+
+    def _warn_expiry(self) -> None:
+        exp = self._stats.token_expires_at
+        warning = self._source.token_expiry_warning
+        if exp is None or warning <= 0:
+            return
+        left = exp - self._wall()
+        if left > warning:
+            return
+        stage = "expired" if left <= 0 else "soon"
+        source = self._source
+        if not _first_expiry_warning(source.name, source.token.origin, exp, stage):
+            return
+        if stage == "soon":
+            log.warning(
+                "source %s: the token (%s) expires at %s, in %.0f min. Open connections survive "
+                "it, but every reconnect after it is rejected with HTTP 401: refresh it (PUT "
+                "/instance/refreshToken/{instance}) and write the new one to the token file",
+                source.name,
+                source.token.origin,
+                _utc(exp),
+                left / 60.0,
+            )
+        else:
+            log.warning(
+                "source %s: the token (%s) expired at %s. Reconnects will be rejected with HTTP "
+                "401 unless the server ignores expiry (AUTHENTICATION_JWT_EXPIRES_IN=0): "
+                "refresh it and write the new one to the token file",
+                source.name,
+                source.token.origin,
+                _utc(exp),
+            )
+
+
+def _utc(unix: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(unix))
 
 
 def _close_quietly(conn: Connection) -> None:

@@ -161,3 +161,25 @@ def test_canary_token_never_appears_in_logs_metrics_status_or_check_config(
         assert canary not in text
         assert canary.split(".")[2] not in text  # not even the signature
     assert json.loads(check.stdout)["sources"][0]["token"].startswith("***")
+
+
+def test_sighup_reloads_the_file_and_keeps_running(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    """`systemctl reload` (SIGHUP) applies an added event without stopping the daemon."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["messages.upsert"])
+    proc = forwarder("run", "--config", str(config))
+    try:
+        wait_for(lambda: simulator.stats()["connections_open"] == 1, 15, "connected")
+        config.write_text(
+            config.read_text().replace('"messages.upsert"', '"messages.upsert", "call.upsert"')
+        )
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: simulator.stats()["connections_open"] == 2, 15, "the new subscription")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == ExitCode.OK
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert "reloaded" in err

@@ -10,6 +10,7 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
+from forwarder.config import load_config
 from forwarder.daemon import Forwarder
 from forwarder.simulator import Simulator
 from tests.conftest import ConfigFactory
@@ -19,7 +20,7 @@ FAST = "backoff = { initial = 0.05, maximum = 0.2, auth_initial = 0.2, auth_maxi
 
 
 def connected(forwarder: Forwarder) -> bool:
-    return all(s.state.value == "connected" for s in forwarder.stats)
+    return all(s.state.value == "connected" for s in forwarder.stats if s.configured)
 
 
 def holders_open(sim: Simulator, slots: list[tuple[str, str]]) -> bool:
@@ -227,3 +228,40 @@ def test_readyz_fails_while_a_subscription_is_down(
     with pytest.raises(urllib.error.HTTPError) as info:
         get(forwarder, "/readyz")
     assert info.value.code == 503
+
+
+def holder(sim: Simulator, instance: str, event: str) -> object:
+    slot = sim.stats()["slots"].get(instance, {}).get(event, {})
+    return slot.get("holder") if slot.get("holder_open") else None
+
+
+def test_reload_keeps_unchanged_subscriptions_and_starts_and_stops_the_others(
+    make_config: ConfigFactory,
+    run_forwarder: Callable[..., Forwarder],
+    simulator: Simulator,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGHUP's reload: the same connection for unchanged events, new and removed ones follow."""
+    config = make_config({"main": ["messages.upsert", "chats.upsert"]})
+    assert config.path is not None
+    path = config.path
+    forwarder = run_forwarder(config, reload=lambda: load_config(path, {}))
+    wait_for(lambda: connected(forwarder), what="connected")
+    before = holder(simulator, "main", "messages.upsert")
+    path.write_text(path.read_text().replace('"chats.upsert"', '"call.upsert"'))
+    assert forwarder.reload()
+    wait_for(lambda: holder(simulator, "main", "call.upsert") is not None, what="call.upsert")
+    wait_for(lambda: holder(simulator, "main", "chats.upsert") is None, what="chats.upsert gone")
+    assert holder(simulator, "main", "messages.upsert") == before  # not reconnected
+    assert [s.subscription.event for s in forwarder.subscribers] == [
+        "messages.upsert",
+        "call.upsert",
+    ]
+    simulator.send("main", "call.upsert", 5)
+    wait_for(lambda: redis_client.xlen("main:call.upsert") == 5, what="new subscription writes")
+    path.write_text("this is = not toml")
+    assert not forwarder.reload()
+    assert "reload refused, the running configuration stays" in caplog.text
+    assert len(forwarder.subscribers) == 2
+    assert connected(forwarder)

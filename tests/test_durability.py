@@ -325,3 +325,38 @@ def test_sigterm_with_redis_down_exits_0_and_delivers_after_restart(
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
     assert_exactly_once_in_order(in_redis(own_redis), delivered(simulator))
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_memory_stays_flat_during_a_long_outage(tmp_path: Path, simulator: Simulator) -> None:
+    """With Redis down, 20 MB of frames go to disk: the process grows by far less than that."""
+    config = write_config(tmp_path, simulator, f"redis://127.0.0.1:{free_port()}/0")
+    config.write_text(config.read_text().replace("[redis]", "memory_bytes = 1048576\n[redis]", 1))
+    proc = run(config)
+    try:
+        wait_for(lambda: open_connections(simulator) == 1, 15, "connected")
+        simulator.send("main", EVENT, 2000)
+        pause(0.5)
+        before = rss_bytes(proc.pid)
+        sent = 0
+        while sent < 20_000_000:  # bounded: about 30,000 frames
+            simulator.send("main", EVENT, 2000)
+            sent = sum(len(f) for f in delivered(simulator))
+
+        def spooled() -> int:
+            return sum(p.stat().st_size for p in (tmp_path / "spool").glob("*.seg"))
+
+        wait_for(lambda: spooled() > sent, 30, "everything read and spooled")
+        growth = rss_bytes(proc.pid) - before
+        spool = spooled()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == ExitCode.OK
+    assert spool > 20_000_000  # everything is on disk...
+    assert growth < 12_000_000, f"RSS grew by {growth} bytes"  # ...not in memory
