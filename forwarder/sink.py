@@ -15,9 +15,13 @@ from __future__ import annotations
 import base64
 import logging
 import random
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import redis
@@ -28,18 +32,24 @@ from redis.retry import Retry
 from forwarder.config import RedisConfig
 from forwarder.decode import invalid_reason
 from forwarder.errors import SinkError
-from forwarder.frames import Oversized
+from forwarder.frames import Opcode, Oversized
 from forwarder.spool import GAP, Batch, DiskSpool, Entry, Route
 from forwarder.stats import SubscriptionStats, WriterStats
 
 log = logging.getLogger(__name__)
 
+TEXT = int(Opcode.TEXT)  # a plain int: compared once per frame
+
 HWM_TTL_SECONDS = 7 * 24 * 3600
 IDLE_PING_SECONDS = 5.0
 
-# KEYS[1]: the high-water-mark key; KEYS[2..]: streams.
-# ARGV[1]: hwm ttl; ARGV[2]: maxlen ('0' = none); ARGV[3]: the batch's last offset; then per
-# entry: offset, stream key index, trim flag (1/0), field count n, n field/value items.
+# KEYS[1]: the high-water-mark key; KEYS[2..]: one per stream slot.
+# ARGV[1]: hwm ttl; ARGV[2]: maxlen ('0' = none); ARGV[3]: the batch's last offset;
+# ARGV[4]: the number of slots S, then S pairs (event, source) for KEYS[2..S+1]. Then per
+# entry, either a frame, in 4 arguments (the hot path: few arguments to pack and parse):
+#   offset, slot key index k > 1, received_at (ms), data
+# or any other entry (dead letters, gap records):
+#   offset, -k, trim flag (1/0), field count n, n field/value items.
 # Returns {written, {offset, error, ...}} with the entries whose XADD failed, or
 # {written, errors, offset, error} when it stopped at a configuration error (NOPERM,
 # WRONGTYPE): that entry and the rest are left for a later retry, the mark says where.
@@ -54,21 +64,42 @@ end
 -- Claim the batch first: if this SET is refused, nothing below has run.
 redis.call('SET', KEYS[1], last, 'EX', ARGV[1])
 local maxlen = ARGV[2]
+local trim = maxlen ~= '0'
 local written = 0
 local errors = {}
 local applied = hwm
-local i = 4
+local i = 5 + 2 * tonumber(ARGV[4])
 while i <= #ARGV do
   local off = tonumber(ARGV[i])
-  local n = tonumber(ARGV[i + 3])
-  if off > hwm then
-    local cmd = {'XADD', KEYS[tonumber(ARGV[i + 1])]}
-    if ARGV[i + 2] == '1' and maxlen ~= '0' then
-      cmd[3] = 'MAXLEN'; cmd[4] = '~'; cmd[5] = maxlen
+  local k = tonumber(ARGV[i + 1])
+  local r = nil
+  local nexti
+  if k > 0 then
+    if off > hwm then
+      local s = 1 + 2 * k
+      if trim then
+        r = redis.pcall('XADD', KEYS[k], 'MAXLEN', '~', maxlen, '*', 'data', ARGV[i + 3],
+          'event', ARGV[s], 'source', ARGV[s + 1], 'received_at', ARGV[i + 2])
+      else
+        r = redis.pcall('XADD', KEYS[k], '*', 'data', ARGV[i + 3],
+          'event', ARGV[s], 'source', ARGV[s + 1], 'received_at', ARGV[i + 2])
+      end
     end
-    cmd[#cmd + 1] = '*'
-    for k = 1, n do cmd[#cmd + 1] = ARGV[i + 3 + k] end
-    local r = redis.pcall(unpack(cmd))
+    nexti = i + 4
+  else
+    local n = tonumber(ARGV[i + 3])
+    if off > hwm then
+      local cmd = {'XADD', KEYS[-k]}
+      if ARGV[i + 2] == '1' and trim then
+        cmd[3] = 'MAXLEN'; cmd[4] = '~'; cmd[5] = maxlen
+      end
+      cmd[#cmd + 1] = '*'
+      for j = 1, n do cmd[#cmd + 1] = ARGV[i + 3 + j] end
+      r = redis.pcall(unpack(cmd))
+    end
+    nexti = i + 4 + n
+  end
+  if r ~= nil then
     if type(r) == 'table' and r.err then
       local e = r.err
       -- Redis 7.0 reports an ACL refusal inside a script as "ERR The user executing the
@@ -86,7 +117,7 @@ while i <= #ARGV do
     end
     applied = off
   end
-  i = i + 4 + n
+  i = nexti
 end
 return {written, errors}
 """
@@ -126,7 +157,23 @@ def error_kind(exc: BaseException) -> str:
 
 
 def make_client(config: RedisConfig) -> redis.Redis:
-    """A Redis client with timeouts on and redis-py's automatic re-sends off."""
+    """A Redis client with timeouts on and redis-py's automatic re-sends off.
+
+    rediss://: TLS 1.2 or later, the server's certificate and host name always verified
+    (against `ca_file` in addition to the system trust store: redis-py loads both), and a
+    client certificate if configured; a failed TLS handshake is logged at ERROR.
+    """
+    tls: dict[str, Any] = {}
+    if urlsplit(config.url).scheme == "rediss":
+        tls = {
+            "connection_class": _TLSConnection,
+            "ssl_ca_certs": str(config.ca_file) if config.ca_file else None,
+            "ssl_certfile": str(config.client_cert) if config.client_cert else None,
+            "ssl_keyfile": str(config.client_key) if config.client_key else None,
+            "ssl_cert_reqs": "required",
+            "ssl_check_hostname": True,
+            "ssl_min_version": ssl.TLSVersion.TLSv1_2,
+        }
     return redis.Redis.from_url(
         config.url,
         socket_timeout=config.socket_timeout,
@@ -134,7 +181,38 @@ def make_client(config: RedisConfig) -> redis.Redis:
         socket_keepalive=True,
         retry=Retry(NoBackoff(), 0),
         health_check_interval=0,
+        **tls,
     )
+
+
+TLS_ERROR_LOG_INTERVAL = 60.0  # seconds between two ERROR lines about a failing TLS handshake
+
+
+class _TLSConnection(redis.SSLConnection):
+    """redis-py's TLS connection; a failed handshake is a configuration problem (CA, host
+    name, client certificate), not a passing outage, so it is also logged at ERROR (at most
+    once a minute per connection: the pool reuses the connection object after a failure)."""
+
+    _tls_error_logged_at = -TLS_ERROR_LOG_INTERVAL  # monotonic
+
+    def _connect(self) -> socket.socket:
+        try:
+            sock: socket.socket = super()._connect()  # type: ignore[no-untyped-call]
+        except ssl.SSLError as exc:
+            now = time.monotonic()
+            if now - self._tls_error_logged_at >= TLS_ERROR_LOG_INTERVAL:
+                self._tls_error_logged_at = now
+                why = (
+                    f"the server's certificate was refused ({exc.verify_message}): check "
+                    "redis.ca_file and that the host name in redis.url is one the "
+                    "certificate names"
+                    if isinstance(exc, ssl.SSLCertVerificationError)
+                    else f"{exc}; if Redis requires a client certificate (tls-auth-clients), "
+                    "set redis.client_cert"
+                )
+                log.error("Redis TLS handshake with %s:%s failed: %s", self.host, self.port, why)
+            raise
+        return sock
 
 
 class RedisWriter:
@@ -354,20 +432,49 @@ class RedisWriter:
     def _prepare(
         self, batch: Batch, rejected: dict[int, str]
     ) -> tuple[list[str], list[bytes | str | int], dict[int, str]]:
-        """Script keys (streams) and arguments for a batch; also {offset: dead-letter reason}."""
+        """Script keys and arguments for a batch (see WRITE_BATCH); also {offset: reason}
+        for the entries that go to a dead-letter stream. The per-frame hot path."""
         keys: list[str] = []
-        index: dict[str, int] = {}
-        args: list[bytes | str | int] = [HWM_TTL_SECONDS, self._maxlen, batch[-1][0]]
+        slot_args: list[bytes | str | int] = []
+        slots: dict[tuple[str, str, str], int] = {}
+        entry_args: list[bytes | str | int] = []
         invalid: dict[int, str] = {}
+        routes = self._routes
         for offset, entry in batch:
+            route_index, opcode, payload, received_at = entry
+            if (
+                opcode == TEXT
+                and type(payload) is bytes
+                and offset not in rejected
+                and invalid_reason(opcode, payload) is None
+            ):
+                route = routes[route_index]
+                slot = (route.stream, route.event, route.source)
+                k = slots.get(slot)
+                if k is None:
+                    keys.append(route.stream)
+                    slot_args += (route.event, route.source)
+                    k = slots[slot] = len(keys) + 1  # KEYS[1] is the high-water mark
+                entry_args += (offset, k, int(received_at * 1000), payload)
+                continue
             stream, trim, fields, reason = self._route(entry, rejected.get(offset))
             if reason is not None:
                 invalid[offset] = reason
-            key_index = index.get(stream)
-            if key_index is None:
+            slot = (stream, "", "")
+            k = slots.get(slot)
+            if k is None:
                 keys.append(stream)
-                key_index = index[stream] = len(keys) + 1  # KEYS[1] is the high-water mark
-            args += [offset, key_index, trim, len(fields), *fields]
+                slot_args += ("", "")
+                k = slots[slot] = len(keys) + 1
+            entry_args += (offset, -k, trim, len(fields), *fields)
+        args: list[bytes | str | int] = [
+            HWM_TTL_SECONDS,
+            self._maxlen,
+            batch[-1][0],
+            len(keys),
+            *slot_args,
+            *entry_args,
+        ]
         return keys, args, invalid
 
     def _route(
