@@ -100,7 +100,29 @@ class FrameParser:
     def _parse(self, buf: bytes, out: list[Message]) -> int:
         pos = 0
         n = len(buf)
+        append = out.append
+        limit = self._max
         while True:
+            # Fast path for what the upstream sends: a complete, unfragmented, unmasked
+            # text (or binary) frame with a 7- or 16-bit length. Everything else, including
+            # every error, takes the general path below.
+            if n - pos >= 4 and self._frag_opcode is None and self._skip_msg is None:
+                b0 = buf[pos]
+                if b0 == 0x81 or b0 == 0x82:
+                    b1 = buf[pos + 1]
+                    if b1 < 126:
+                        end = pos + 2 + b1
+                        if end <= n and b1 <= limit:
+                            append((b0 & 0x0F, buf[pos + 2 : end]))
+                            pos = end
+                            continue
+                    elif b1 == 126:
+                        length = (buf[pos + 2] << 8) | buf[pos + 3]
+                        end = pos + 4 + length
+                        if end <= n and length <= limit:
+                            append((b0 & 0x0F, buf[pos + 4 : end]))
+                            pos = end
+                            continue
             if n - pos < 2:
                 self._need = 2
                 return pos

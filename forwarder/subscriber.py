@@ -53,10 +53,12 @@ import contextlib
 import logging
 import math
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -64,13 +66,16 @@ import orjson
 import websocket
 
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
-from forwarder.config import Secret, Subscription, redact_url
+from forwarder.config import Secret, SourceConfig, Subscription, redact_url
 from forwarder.errors import ConfigError, ConnectFailed, HandshakeRejected
 from forwarder.frames import FrameParser, Opcode, ProtocolViolation, close_code
 from forwarder.spool import GAP, DiskSpool, Entry, entry_size
 from forwarder.stats import State, SubscriptionStats
 
 log = logging.getLogger(__name__)
+
+_CLOSE = int(Opcode.CLOSE)
+_PING = int(Opcode.PING)
 
 RECV_BYTES = 256 * 1024
 DROP_LOG_INTERVAL = 10.0  # seconds between two ERROR lines about a full buffer
@@ -97,12 +102,20 @@ class Connection(Protocol):
 Connector = Callable[[str, float], Connection]
 
 
-def websocket_connect(url: str, timeout: float) -> Connection:
+def websocket_connect(
+    url: str, timeout: float, *, ssl_context: ssl.SSLContext | None = None
+) -> Connection:
     """Open a WebSocket with websocket-client; translate its errors into ours.
 
-    The messages of the errors we raise never contain `url` (it holds the token).
+    `ssl_context` is used for wss:// URLs (see `tls_context`); None means websocket-client's
+    default, which verifies against the system trust store. The messages of the errors we
+    raise never contain `url` (it holds the token).
     """
-    ws: Any = websocket.WebSocket(skip_utf8_validation=True, enable_multithread=True)
+    ws: Any = websocket.WebSocket(
+        skip_utf8_validation=True,
+        enable_multithread=True,
+        sslopt={"context": ssl_context} if ssl_context is not None else None,
+    )
     try:
         # suppress_origin: the upstream does not check Origin and a browser-like header
         # serves no purpose for a daemon.
@@ -110,10 +123,58 @@ def websocket_connect(url: str, timeout: float) -> Connection:
     except websocket.WebSocketBadStatusException as exc:
         ws.shutdown()
         raise HandshakeRejected(int(exc.status_code)) from None
+    except ssl.SSLCertVerificationError as exc:
+        ws.shutdown()
+        raise ConnectFailed(
+            f"TLS: the server's certificate was refused ({exc.verify_message}): check the "
+            "source's ca_file and that the host name in its url is one the certificate names"
+        ) from None
+    except ssl.SSLError as exc:
+        ws.shutdown()
+        raise ConnectFailed(
+            f"TLS handshake failed ({_describe(exc)}); if the server requires a client "
+            "certificate, set client_cert (and client_key)"
+        ) from None
     except (OSError, websocket.WebSocketException) as exc:
         ws.shutdown()
         raise ConnectFailed(_describe(exc)) from None
     return ws  # type: ignore[no-any-return]
+
+
+# Client TLS contexts, one per set of files (sources with the same files share it), rebuilt
+# when a file changes (a renewed client certificate needs no restart).
+_tls_lock = threading.Lock()
+_tls_contexts: dict[tuple[Path | None, ...], tuple[tuple[int, ...], ssl.SSLContext]] = {}
+
+
+def tls_context(source: SourceConfig) -> ssl.SSLContext | None:
+    """The TLS context of a wss:// source (None for ws://): TLS 1.2 or later, certificate and
+    host name verified against `ca_file` (default: the system trust store), and the client
+    certificate if configured. Raises ConnectFailed when a file became unusable."""
+    if not source.url.startswith("wss:"):
+        return None
+    files = (source.ca_file, source.client_cert, source.client_key)
+    try:
+        stamp = tuple(path.stat().st_mtime_ns for path in files if path is not None)
+        with _tls_lock:
+            cached = _tls_contexts.get(files)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            context = ssl.create_default_context(
+                cafile=str(source.ca_file) if source.ca_file else None
+            )
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            if source.client_cert is not None:
+                context.load_cert_chain(source.client_cert, source.client_key, _no_password)
+            _tls_contexts[files] = (stamp, context)
+            return context
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        raise ConnectFailed(f"TLS files of source {source.name}: {_describe(exc)}") from None
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase.
+    raise ValueError("the private key is encrypted")
 
 
 def _describe(exc: BaseException) -> str:
@@ -442,6 +503,12 @@ class Subscriber:
         ConnectFailed (none of which carries the token)."""
         token = self._source.token.read()
         self._token_read(token)
+        context = tls_context(self._source)
+        if context is not None and self._connect is websocket_connect:
+            # An injected connector (tests) does its own TLS.
+            return websocket_connect(
+                self._url(token), self._source.connect_timeout, ssl_context=context
+            )
         return self._connect(self._url(token), self._source.connect_timeout)
 
     def _dial_failed(self, exc: Exception, resubscribing: bool) -> tuple[str, float]:
@@ -684,9 +751,9 @@ class Subscriber:
                 return _End("1002", f"protocol error: {exc}", received_at)
             entries: list[Entry] = []
             for opcode, payload in messages:
-                if opcode >= Opcode.CLOSE:
+                if opcode >= _CLOSE:  # a plain int: an Enum member lookup per frame costs
                     assert isinstance(payload, bytes)
-                    if opcode == Opcode.CLOSE:
+                    if opcode == _CLOSE:
                         self._store(link, entries)
                         code = close_code(payload)
                         self._send_close(link, code)
@@ -696,7 +763,7 @@ class Subscriber:
                             f"closed by the server: {code} {reason_text}",
                             received_at,
                         )
-                    if opcode == Opcode.PING:
+                    if opcode == _PING:
                         # A failure here shows up as an error on the next recv.
                         with contextlib.suppress(OSError, websocket.WebSocketException):
                             link.conn.pong(payload)
