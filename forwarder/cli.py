@@ -144,7 +144,7 @@ def _table(status: dict[str, Any], lengths: dict[str, int | None], clear: bool) 
     lines = [
         f"forwarder {status['version']}  up {status['uptime_seconds']:.0f}s  "
         f"ready={status['ready']}  redis errors={sum(status['redis']['errors'].values())}  "
-        f"pending={status['buffer']['pending_messages']}",
+        f"spool={status['spool']['pending_messages']}",
         "",
         f"{'SOURCE/EVENT':<34} {'STATE':<10} {'RECEIVED':>9} {'FORWARDED':>9} {'STREAM LEN':>10} "
         f"{'DLQ':>4} {'RECONN':>6} {'LAST MSG':>8}",

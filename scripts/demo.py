@@ -88,6 +88,7 @@ def main() -> int:
         "FORWARDER_TOKEN": mint_token(INSTANCE, DEV_SECRET),  # environment, never argv
         "FORWARDER_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "FORWARDER_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
+        "FORWARDER_SPOOL_DIR": os.path.join(workdir, "spool"),  # throwaway, like the rest
     }
     log_path = os.path.join(workdir, "forwarder.log")
     with open(log_path, "w") as log_file:

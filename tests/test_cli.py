@@ -183,3 +183,34 @@ def test_sighup_reloads_the_file_and_keeps_running(
         proc.kill()
         _, err = proc.communicate()
     assert "reloaded" in err
+
+
+def test_watch_shows_each_subscription_with_its_counts_and_stream_length(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    """`forwarder watch` (the live view of `make run`) prints a row per event with counts."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["messages.upsert", "call.upsert"])
+    proc = forwarder("run", "--config", str(config))
+    port = metrics_port(config)
+    try:
+        wait_for(lambda: simulator.stats()["connections_open"] == 2, 15, "connected")
+        simulator.send("main", "messages.upsert", 7)
+        wait_for(lambda: redis_client.xlen("messages.upsert") == 7, 15, "written")
+        status_url = f"http://127.0.0.1:{port}/status"
+        argv = ["watch", "--count", "1", "--status-url", status_url]
+        watch = subprocess.run(
+            [sys.executable, "-m", "forwarder", *argv, "--redis-url", redis_server.url],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        proc.kill()
+        proc.communicate()
+    rows = {line.split()[0]: line.split() for line in watch.stdout.splitlines() if "/" in line}
+    # SOURCE/EVENT STATE RECEIVED FORWARDED STREAM-LEN DLQ RECONN LAST
+    assert rows["main/messages.upsert"][1:5] == ["connected", "7", "7", "7"]
+    assert rows["main/call.upsert"][1:5] == ["connected", "0", "0", "0"]
