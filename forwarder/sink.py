@@ -480,29 +480,21 @@ class RedisWriter:
     def _route(
         self, entry: Entry, error: str | None
     ) -> tuple[str, str, list[bytes | str | int], str | None]:
-        """Where an entry goes: (stream, trim flag, fields, dead-letter reason or None)."""
+        """Where an entry that is not a valid frame goes (valid frames take `_prepare`'s fast
+        path): a gap record to the gap stream; anything else to the dead-letter stream, with
+        its reason and, for an entry Redis refused once, the error.
+
+        Returns (stream, trim flag, fields, dead-letter reason or None).
+        """
         route = self._routes[entry.subscription]
-        if error is not None:  # Redis refused it once: dead-letter it with the error
-            reason: str | None = "redis_rejected"
-        elif entry.opcode == GAP:
+        if error is None and entry.opcode == GAP:
             return self._config.gap_stream, "0", gap_fields(route, entry), None
+        if error is not None:
+            reason = "redis_rejected"
         else:
-            reason = invalid_reason(entry.opcode, entry.payload)
-        received_ms = int(entry.received_at * 1000)
-        if reason is None:
-            assert isinstance(entry.payload, bytes)
-            fields: list[bytes | str | int] = [
-                "data",
-                entry.payload,
-                "event",
-                route.event,
-                "source",
-                route.source,
-                "received_at",
-                received_ms,
-            ]
-            return route.stream, "1", fields, None
-        fields = dead_letter_fields(route, entry, reason, received_ms)
+            # Never None here by construction; "unroutable" keeps the frame all the same.
+            reason = invalid_reason(entry.opcode, entry.payload) or "unroutable"
+        fields = dead_letter_fields(route, entry, reason, int(entry.received_at * 1000))
         if error is not None:
             fields += ["error", error]
         return route.dead_letter_stream, "0", fields, reason
