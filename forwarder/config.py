@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 import os
 import re
+import ssl
 import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, TypedDict
+from urllib.parse import parse_qsl, urlsplit
 
 from forwarder.errors import ConfigError
 from forwarder.events import ALLOWED_EVENTS, REFUSED_EVENTS, SENT_EVENTS
@@ -128,6 +129,11 @@ class SourceConfig:
     flap_window: float = 3600.0
     flap_backoff: float = 3600.0
     token_expiry_warning: float = 900.0  # WARN this long before the token's exp; 0 = never
+    # TLS, wss:// only. ca_file None: the system trust store. client_key None with a
+    # client_cert: the key is in the certificate file.
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
     def stream_for(self, event: str) -> str:
         return self.stream.format(source=self.name, event=event)
@@ -141,6 +147,10 @@ class RedisConfig:
     gap_stream: str = DEFAULT_GAP_STREAM  # one stream for the blind intervals of all subscriptions
     socket_timeout: float = 5.0
     batch_max: int = 1000
+    # TLS, rediss:// only (verification is always on): as in SourceConfig.
+    ca_file: Path | None = None
+    client_cert: Path | None = None
+    client_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -220,6 +230,7 @@ class Config:
                 "gap_stream": self.redis.gap_stream,
                 "socket_timeout": self.redis.socket_timeout,
                 "batch_max": self.redis.batch_max,
+                **_tls_paths(self.redis.ca_file, self.redis.client_cert, self.redis.client_key),
             },
             "metrics": {
                 "listen": self.metrics.listen,
@@ -250,6 +261,7 @@ class Config:
                     "flap_window": s.flap_window,
                     "flap_backoff": s.flap_backoff,
                     "token_expiry_warning": s.token_expiry_warning,
+                    **_tls_paths(s.ca_file, s.client_cert, s.client_key),
                 }
                 for s in self.sources
             ],
@@ -258,6 +270,17 @@ class Config:
                 for sub in self.subscriptions()
             ],
         }
+
+
+def _tls_paths(
+    ca_file: Path | None, client_cert: Path | None, client_key: Path | None
+) -> dict[str, str | None]:
+    """TLS file paths for `redacted()`: paths are not secrets (the files' contents are)."""
+    return {
+        "ca_file": str(ca_file) if ca_file else None,
+        "client_cert": str(client_cert) if client_cert else None,
+        "client_key": str(client_key) if client_key else None,
+    }
 
 
 _TOKEN_QUERY_RE = re.compile(r"(?i)(token=)[^&\s\"']+")
@@ -339,6 +362,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
             "or set FORWARDER_URL, FORWARDER_TOKEN and optionally FORWARDER_EVENTS"
         )
     _check_redis_url(redis_cfg.url)
+    _check_redis_tls(redis_cfg)
     metrics_cfg.port  # noqa: B018 - validates listen
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -367,6 +391,7 @@ def _parse_redis(t: _Table) -> RedisConfig:
         gap_stream=t.string("gap_stream", DEFAULT_GAP_STREAM),
         socket_timeout=t.number("socket_timeout", 5.0, minimum=0.1),
         batch_max=t.integer("batch_max", 1000, minimum=1) or 1000,
+        **_parse_tls(t),
     )
     t.finish()
     return cfg
@@ -415,6 +440,14 @@ def _parse_source(t: _Table, environ: Mapping[str, str]) -> SourceConfig:
         )
     url = t.string("url", None)
     _check_ws_url(url, t.key("url"))
+    tls = _parse_tls(t)
+    if urlsplit(url).scheme != "wss":
+        for key, path in tls.items():
+            if path is not None:
+                raise ConfigError(
+                    f"{t.key(key)}: TLS settings need a wss:// URL, but {t.key('url')} is "
+                    f"{redact_url(url)!r} (ws:// is not encrypted): use wss:// or remove {key}"
+                )
     token_file = t.optional_string("token_file")
     token_env = t.optional_string("token_env")
     if (token_file is None) == (token_env is None):
@@ -460,6 +493,7 @@ def _parse_source(t: _Table, environ: Mapping[str, str]) -> SourceConfig:
         flap_window=t.number("flap_window", 3600.0, minimum=0.1),
         flap_backoff=t.number("flap_backoff", 3600.0, minimum=0.1),
         token_expiry_warning=t.number("token_expiry_warning", 900.0, minimum=0.0),
+        **tls,
     )
     t.finish()
     return cfg
@@ -529,10 +563,92 @@ def _check_ws_url(url: str, where: str) -> None:
 
 
 def _check_redis_url(url: str) -> None:
-    if urlsplit(url).scheme not in {"redis", "rediss", "unix"}:
+    parts = urlsplit(url)
+    if parts.scheme not in {"redis", "rediss", "unix"}:
         raise ConfigError(
             f"redis.url: expected redis://, rediss:// or unix://, got {redact_url(url)!r}"
         )
+    if any(name.lower().startswith("ssl") for name, _ in parse_qsl(parts.query)):
+        # redis-py lets URL options override ours, e.g. ?ssl_cert_reqs=none.
+        raise ConfigError(
+            "redis.url: no ssl_* options in the URL: set redis.ca_file, redis.client_cert and "
+            "redis.client_key; certificate and host name verification are always on"
+        )
+
+
+def _check_redis_tls(cfg: RedisConfig) -> None:
+    if urlsplit(cfg.url).scheme == "rediss":
+        return
+    for key in ("ca_file", "client_cert", "client_key"):
+        if getattr(cfg, key) is not None:
+            raise ConfigError(
+                f"redis.{key}: TLS settings need a rediss:// URL, but redis.url is "
+                f"{redact_url(cfg.url)!r}: use rediss:// or remove redis.{key}"
+            )
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> bytes:
+    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase.
+    raise _EncryptedKey
+
+
+class _TLSFiles(TypedDict):
+    ca_file: Path | None
+    client_cert: Path | None
+    client_key: Path | None
+
+
+def _parse_tls(t: _Table) -> _TLSFiles:
+    """`ca_file`, `client_cert`, `client_key` of a table, checked readable and loadable now,
+    so a bad file is a ConfigError naming the key rather than a failure at the first connect."""
+    ca_file = _readable_path(t, "ca_file")
+    cert = _readable_path(t, "client_cert")
+    key = _readable_path(t, "client_key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if ca_file is not None:
+        try:
+            context.load_verify_locations(cafile=ca_file)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"{t.key('ca_file')}: {ca_file} holds no usable PEM CA certificate ({exc})"
+            ) from None
+    if key is not None and cert is None:
+        raise ConfigError(f"{t.key('client_key')}: set client_cert too (the key's certificate)")
+    if cert is not None:
+        try:
+            context.load_cert_chain(cert, key, password=_no_password)
+        except _EncryptedKey:
+            raise ConfigError(
+                f"{t.key('client_key' if key else 'client_cert')}: the private key is "
+                "encrypted; forwarder cannot ask for a passphrase: store it unencrypted, "
+                "readable only by the service (e.g. as a systemd credential)"
+            ) from None
+        except ssl.SSLError as exc:
+            hint = "" if key else "; if the key is in a separate file, set client_key"
+            raise ConfigError(
+                f"{t.key('client_cert')}: cannot load a PEM certificate and its private key "
+                f"from {cert}{f' and {key}' if key else ''} ({exc}){hint}"
+            ) from None
+    return _TLSFiles(ca_file=ca_file, client_cert=cert, client_key=key)
+
+
+def _readable_path(t: _Table, key: str) -> Path | None:
+    value = t.optional_string(key)
+    if value is None:
+        return None
+    if not value:
+        raise ConfigError(f"{t.key(key)}: an empty path")
+    path = Path(value)
+    try:
+        with path.open("rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise ConfigError(f"{t.key(key)}: cannot read {path}: {exc.strerror}") from None
+    return path
 
 
 def _check_unique(config: Config) -> None:

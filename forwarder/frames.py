@@ -108,7 +108,7 @@ class FrameParser:
             # every error, takes the general path below.
             if n - pos >= 4 and self._frag_opcode is None and self._skip_msg is None:
                 b0 = buf[pos]
-                if b0 == 0x81 or b0 == 0x82:
+                if b0 in (0x81, 0x82):  # FIN + text, FIN + binary
                     b1 = buf[pos + 1]
                     if b1 < 126:
                         end = pos + 2 + b1

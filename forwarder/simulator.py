@@ -43,6 +43,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import struct
 import sys
 import termios
@@ -522,6 +523,9 @@ class Simulator:
         instances: instance names whose slots exist from the start, so rate traffic is
             generated (and dropped) before anyone connects, like a real busy instance.
             Otherwise a slot comes into existence with its first connection or ``send``.
+        ssl_context: a server-side TLS context: serve ``wss://`` (and the HTTP endpoints over
+            HTTPS). Set ``verify_mode = ssl.CERT_REQUIRED`` on it to require client
+            certificates.
     """
 
     def __init__(
@@ -537,6 +541,7 @@ class Simulator:
         *,
         frame_size: int | None = None,
         instances: Iterable[str] = (),
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         for event in rates or {}:
             if event not in _ALLOWED:
@@ -553,6 +558,7 @@ class Simulator:
         self._seed = seed or 0
         self._frame_size = frame_size
         self._initial_instances = list(instances)
+        self._ssl_context = ssl_context
         # Everything below is owned by the loop thread once start() has run.
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._conns: dict[int, _Conn] = {}
@@ -631,8 +637,9 @@ class Simulator:
 
     @property
     def url(self) -> str:
-        """``ws://HOST:PORT/ws/events`` (add ``?event=...&token=...``)."""
-        return f"ws://{self._host}:{self._port}{WS_PATH}"
+        """``ws://HOST:PORT/ws/events``, ``wss://`` with TLS (add ``?event=...&token=...``)."""
+        scheme = "wss" if self._ssl_context is not None else "ws"
+        return f"{scheme}://{self._host}:{self._port}{WS_PATH}"
 
     def token(self, instance: str, expires_in: float | None = None) -> str:
         """Mint a token for ``instance`` signed with this simulator's secret."""
@@ -664,7 +671,12 @@ class Simulator:
         loop = asyncio.get_running_loop()
         self._started_at = loop.time()
         self._server = await loop.create_server(
-            self._new_conn, self._host, self._requested_port, backlog=4096, reuse_address=True
+            self._new_conn,
+            self._host,
+            self._requested_port,
+            backlog=4096,
+            reuse_address=True,
+            ssl=self._ssl_context,
         )
         self._port = self._server.sockets[0].getsockname()[1]
         for instance in self._initial_instances:
@@ -1172,7 +1184,11 @@ class Simulator:
             assert conn.transport is not None
             # write_eof() sends FIN once the buffer is flushed; reading goes on, so the client's
             # late pings do not turn our close into an RST that could destroy unread frames.
-            conn.transport.write_eof()
+            # TLS has no half-close: close_notify and FIN once the buffer is flushed instead.
+            if conn.transport.can_write_eof():
+                conn.transport.write_eof()
+            else:
+                conn.transport.close()
             conn.eof_sent = True
             conn.linger = loop.call_later(_DROP_LINGER, conn.close_tcp)
         if conns:
@@ -1662,7 +1678,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--stats-file", default=None, metavar="PATH", help="rewrite stats JSON here every second"
     )
+    parser.add_argument(
+        "--tls-cert",
+        default=None,
+        metavar="PEM",
+        help="serve wss:// with this certificate chain (and its key, unless --tls-key)",
+    )
+    parser.add_argument("--tls-key", default=None, metavar="PEM", help="the --tls-cert key")
     args = parser.parse_args(args_in)
+    if args.tls_key and not args.tls_cert:
+        parser.error("--tls-key needs --tls-cert")
+    tls: ssl.SSLContext | None = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
+        except OSError as exc:  # ssl.SSLError included
+            parser.error(f"cannot load --tls-cert/--tls-key: {exc}")
     secret, source = _secret_from(args.secret)
     sim = Simulator(
         secret,
@@ -1675,6 +1707,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         frame_size=args.frame_size,
         instances=args.instance,
+        ssl_context=tls,
     )
     stop = threading.Event()
 
@@ -1689,10 +1722,11 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"forwarder simulate: cannot listen: {exc}\n")
             return 1
         hint = {"--secret": " --secret <your secret>", "FORWARDER_SIM_SECRET": ""}.get(source, "")
+        http = "https" if tls else "http"
         sys.stdout.write(
             f"simulator listening on {sim.url}?event=EVENT&token=TOKEN\n"
-            f"stats: http://{args.host}:{sim.port}/stats  "
-            f"control: POST http://{args.host}:{sim.port}/control/<name>\n"
+            f"stats: {http}://{args.host}:{sim.port}/stats  "
+            f"control: POST {http}://{args.host}:{sim.port}/control/<name>\n"
             f"mint a token: forwarder simulate token --instance NAME{hint}\n"
             f"(secret from {source})\n"
         )

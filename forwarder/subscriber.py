@@ -135,6 +135,16 @@ def websocket_connect(
             f"TLS handshake failed ({_describe(exc)}); if the server requires a client "
             "certificate, set client_cert (and client_key)"
         ) from None
+    except websocket.WebSocketConnectionClosedException as exc:
+        ws.shutdown()
+        hint = ""
+        if url.startswith("wss:"):
+            # TLS 1.3 servers check the client certificate after our side of the handshake.
+            hint = (
+                "; over TLS this is also how a server refuses a missing or untrusted client "
+                "certificate (client_cert)"
+            )
+        raise ConnectFailed(_describe(exc) + hint) from None
     except (OSError, websocket.WebSocketException) as exc:
         ws.shutdown()
         raise ConnectFailed(_describe(exc)) from None
