@@ -1,0 +1,1 @@
+"""Benchmarks for forwarder: `python -m bench.run` (see bench/README.md)."""
