@@ -327,6 +327,7 @@ class RedisWriter:
             kind = error_kind(rex.ResponseError(error))
             self._wstats.errors[kind] = self._wstats.errors.get(kind, 0) + 1
             route = self._routes[dict(batch)[offset].subscription]
+            self._spool.writer_ok(False)
             self._config_error(f"stream {route.stream!r}: {error}", len(batch))
             if self._wait(CONFIG_ERROR_RETRY_SECONDS):
                 return False
@@ -370,6 +371,7 @@ class RedisWriter:
             try:
                 reply: object = self._script(keys=[hwm_key, *keys], args=args, client=self._client)
             except rex.RedisError as exc:
+                self._spool.writer_ok(False)  # readers must not wait for us now
                 kind = self._record_error(exc)
                 failures += 1
                 if kind in CONFIG_ERROR_KINDS:
@@ -396,6 +398,7 @@ class RedisWriter:
             self._wstats.last_ok_at = time.monotonic()
             self._wstats.config_error = None
             self._wstats.batches += 1
+            self._spool.writer_ok(True)
             if failures:
                 log.info("Redis writes recovered after %d failed attempts", failures)
             return reply

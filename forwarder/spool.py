@@ -143,6 +143,7 @@ class DiskSpool:
         segment_bytes: int = 64 * 1024 * 1024,
         cache_bytes: int = 64 * 1024 * 1024,
         clock: Callable[[], float] = time.monotonic,
+        backlog_entries: int = 20_000,
     ) -> None:
         self._dir = directory
         self._max_bytes = max_bytes
@@ -150,6 +151,11 @@ class DiskSpool:
         # Segments are deleted whole, so keep them small next to max_bytes.
         self._segment_bytes = min(segment_bytes, max(1 << 20, max_bytes // 8))
         self._cache_limit = cache_bytes
+        self._backlog = backlog_entries  # see wait_for_writer()
+        # Set by the writer: False while Redis fails or refuses writes. Readers are held back
+        # only while it is True: during an outage they must keep reading into the spool.
+        self._writer_ok = True
+        self._readers_waiting = 0
         self._clock = clock
         self.stats = SpoolStats()
         self._cond = threading.Condition(threading.Lock())
@@ -601,6 +607,8 @@ class DiskSpool:
                 self._cache_size -= cache.popleft()[2]
             self._committed = last_offset
             self._pending -= count
+            if self._readers_waiting and self._pending <= self._backlog // 2:
+                self._cond.notify_all()
             self._pending_bytes -= nbytes
             self._pending_disk -= sum(self._peeked_records[:count])
             for _, entry in batch:
@@ -640,6 +648,36 @@ class DiskSpool:
         """Make a waiting `peek` return now (used at shutdown)."""
         with self._cond:
             self._cond.notify_all()
+
+    def writer_ok(self, ok: bool) -> None:
+        """The writer reports whether Redis takes its writes (writer thread)."""
+        if ok != self._writer_ok:
+            with self._cond:
+                self._writer_ok = ok
+                if not ok:
+                    self._cond.notify_all()  # an outage: release any reader held back
+
+    def wait_for_writer(self, timeout: float) -> None:
+        """Hold a reader back, at most `timeout`, while the writer is behind but healthy.
+
+        With one interpreter lock, a dozen busy readers can take it from the single writer
+        and pile frames up faster than Redis is fed. While Redis takes writes, holding the
+        readers back lets the writer catch up; the next frames wait in the socket buffers.
+        During an outage (writer not ok) this never waits: frames go to the spool on disk.
+        """
+        if self._pending <= self._backlog or not self._writer_ok:
+            return
+        deadline = self._clock() + timeout
+        with self._cond:
+            self._readers_waiting += 1
+            try:
+                while self._pending > self._backlog // 2 and self._writer_ok:
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        return
+                    self._cond.wait(remaining)
+            finally:
+                self._readers_waiting -= 1
 
     def pending(self) -> tuple[int, int]:
         """(entries, payload bytes) not yet committed. Thread-safe snapshot."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,31 @@ def test_oversized_entries_and_removed_subscriptions_round_trip(tmp_path: Path) 
     assert entry.payload == big
     assert again.routes[entry.subscription] == ROUTES[1]
     again.close()
+
+
+def test_readers_wait_for_a_lagging_healthy_writer_but_never_during_an_outage(
+    tmp_path: Path,
+) -> None:
+    """Past the backlog a reader is held until the writer commits; not while Redis is down."""
+    spool = DiskSpool(tmp_path, ROUTES, max_bytes=1 << 30, backlog_entries=10)
+    put(spool, frames(0, 0, 30))
+    released = threading.Event()
+
+    def writer() -> None:
+        batch = spool.peek(30, 0)
+        released.wait(0.2)
+        spool.commit(batch)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    started = time.monotonic()
+    spool.wait_for_writer(5.0)  # held until the commit, well before the 5 s bound
+    assert 0.1 < time.monotonic() - started < 4.0
+    assert spool.pending()[0] == 0
+    thread.join()
+    put(spool, frames(0, 30, 30))
+    spool.writer_ok(False)  # Redis is failing: readers must keep reading into the spool
+    started = time.monotonic()
+    spool.wait_for_writer(5.0)
+    assert time.monotonic() - started < 0.1
+    spool.close()

@@ -55,6 +55,9 @@ class ListSpool:
     def pending(self) -> tuple[int, int]:
         return len(self.entries), 0
 
+    def wait_for_writer(self, timeout: float) -> None:
+        """No writer here: never holds the reader back."""
+
 
 class FakeConn:
     """A client socket with the calls the subscriber makes recorded, not sent."""
