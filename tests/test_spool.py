@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from forwarder.frames import Opcode, Oversized
 from forwarder.spool import SEGMENT_SUFFIX, DiskSpool, Entry, Route, SpoolError, entry_size
@@ -178,4 +180,43 @@ def test_readers_wait_for_a_lagging_healthy_writer_but_never_during_an_outage(
     started = time.monotonic()
     spool.wait_for_writer(5.0)
     assert time.monotonic() - started < 0.1
+    spool.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_any_sequence_of_appends_commits_and_restarts_keeps_exactly_the_uncommitted(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    """Against a model list: whatever mix of cache, disk, rotation and restarts, peek returns
+    exactly the uncommitted entries in order, each once."""
+    directory = tmp_path_factory.mktemp("spool")
+    cache_bytes = data.draw(st.sampled_from([1, 200, 1 << 20]))
+
+    def open_spool() -> DiskSpool:
+        return DiskSpool(
+            directory, ROUTES, max_bytes=1 << 30, cache_bytes=cache_bytes, segment_bytes=300
+        )
+
+    spool = open_spool()
+    model: list[bytes] = []  # uncommitted payloads, in order
+    counter = 0
+    for _ in range(data.draw(st.integers(1, 25))):
+        action = data.draw(st.sampled_from(["append", "append", "commit", "restart"]))
+        if action == "append":
+            count = data.draw(st.integers(1, 12))
+            put(spool, frames(counter % 2, counter, count))
+            model += [b'{"n":%d}' % i for i in range(counter, counter + count)]
+            counter += count
+        elif action == "commit":
+            batch = spool.peek(data.draw(st.integers(1, 20)), 0)
+            assert [e.payload for _, e in batch] == model[: len(batch)]
+            take = data.draw(st.integers(0, len(batch)))
+            spool.commit(batch[:take])
+            del model[:take]
+        else:
+            spool.close()
+            spool = open_spool()
+        assert spool.pending()[0] == len(model)
+    assert drain(spool) == model
     spool.close()
