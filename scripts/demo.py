@@ -53,6 +53,18 @@ def wait_redis(port: int) -> None:
     raise SystemExit("redis-server did not start")
 
 
+def wait_port(port: int) -> None:
+    deadline = time.monotonic() + 10
+    pause = threading.Event()
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            pause.wait(0.05)
+    raise SystemExit(f"the simulator did not start on port {port}")
+
+
 def main() -> int:
     redis_bin = shutil.which("redis-server")
     if redis_bin is None:
@@ -82,6 +94,7 @@ def main() -> int:
         env={**os.environ, "FORWARDER_SIM_SECRET": DEV_SECRET},
         start_new_session=True,  # Ctrl-C reaches only this script, which stops them in order
     )
+    wait_port(sim_port)  # else the first connection attempts are refused and retried
     env = {
         **os.environ,
         "FORWARDER_URL": f"ws://127.0.0.1:{sim_port}/ws/events",
