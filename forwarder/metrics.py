@@ -71,6 +71,11 @@ class ForwarderCollector(Collector):
             "reconnects",
         )
         yield counter(
+            "forwarder_gap_records",
+            "Gap records (intervals without receiving) written to the gap stream.",
+            "gaps_recorded",
+        )
+        yield counter(
             "forwarder_messages_dropped",
             "Frames refused because the spool was full (see spool.max_bytes).",
             "dropped",

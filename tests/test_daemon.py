@@ -168,12 +168,14 @@ def test_metrics_and_status_match_what_happened(
     wait_for(lambda: forwarder.stats[0].reconnects == 1 and connected(forwarder), what="back")
     wait_for(lambda: forwarder.stats[0].forwarded == 25, what="forwarded")
     wait_for(lambda: forwarder.writer_stats.last_ok_at is not None, what="redis answered")
+    wait_for(lambda: forwarder.stats[0].gaps_recorded == 1, what="the gap record written")
     m = samples(forwarder)
     up = (("event", "messages.upsert"), ("source", "main"))
     call = (("event", "call.upsert"), ("source", "main"))
     assert m[("forwarder_messages_received_total", up)] == 26
     assert m[("forwarder_messages_forwarded_total", up)] == 25
     assert m[("forwarder_reconnects_total", up)] == 1
+    assert m[("forwarder_gap_records_total", up)] == 1  # the drop's blind interval
     assert m[("forwarder_close_codes_total", (("code", "1006"), *up))] == 1
     assert (
         m[
