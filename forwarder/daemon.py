@@ -74,14 +74,11 @@ class Forwarder:
         # systemd: READY/STATUS/WATCHDOG/STOPPING (a no-op outside systemd).
         self.notifier = notifier if notifier is not None else Notifier(None)
         self._watchdog_every = watchdog_every  # seconds between WATCHDOG=1, None: off
-        self.subscriptions = config.subscriptions()
+        subscriptions = config.subscriptions()
         self.writer_stats = WriterStats()
         # The spool first: it may hold frames of an earlier run (even of subscriptions no
         # longer configured); those get stats too, so /metrics shows them draining.
-        routes = [
-            Route(s.source.name, s.event, s.stream, s.dead_letter_stream)
-            for s in self.subscriptions
-        ]
+        routes = [_route(sub) for sub in subscriptions]
         self.spool = DiskSpool(
             config.spool.dir,
             routes,
@@ -101,7 +98,7 @@ class Forwarder:
         self._writer_progress = -1  # last seen RedisWriter.progress, and when it changed
         self._writer_progress_at = time.monotonic()
         self._limiter = AttemptLimiter(CONNECT_RATE, CONNECT_BURST)
-        self.subscribers = [self._subscriber(i, sub) for i, sub in enumerate(self.subscriptions)]
+        self.subscribers = [self._subscriber(i, sub) for i, sub in enumerate(subscriptions)]
         self.writer = RedisWriter(
             self.client, self.spool, self.stats, self.writer_stats, config.redis, rand
         )
@@ -213,7 +210,7 @@ class Forwarder:
         for key, sub in wanted.items():
             if key in running and _same(sub, running[key].subscription):
                 continue
-            route = Route(sub.source.name, sub.event, sub.stream, sub.dead_letter_stream)
+            route = _route(sub)
             index = self.spool.add_route(route)
             while len(self.stats) <= index:  # stats are indexed like the spool's routes
                 self.stats.append(SubscriptionStats(route.source, route.event, route.stream))
@@ -222,7 +219,6 @@ class Forwarder:
             subscriber.start()
             started.append(subscriber)
         self.subscribers = kept + started
-        self.subscriptions = [s.subscription for s in self.subscribers]
         self.config = replace(new, redis=old.redis, metrics=old.metrics, spool=old.spool)
         log.info(
             "reloaded %s: %d subscriptions kept, %d started, %d stopped",
@@ -437,3 +433,8 @@ def _same(new: Subscription | None, old: Subscription) -> bool:
     return replace(new, source=replace(new.source, events=())) == replace(
         old, source=replace(old.source, events=())
     )
+
+
+def _route(sub: Subscription) -> Route:
+    """Where the spool sends a subscription's entries."""
+    return Route(sub.source.name, sub.event, sub.stream, sub.dead_letter_stream)

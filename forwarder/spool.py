@@ -262,7 +262,7 @@ class DiskSpool:
         for i, first in enumerate(firsts):
             path = self._segment_path(first)
             data = path.read_bytes()
-            records, good_end = self._scan(data, count_corruption=True)
+            records, good_end = self._scan(data)
             if good_end < len(data) and i == len(firsts) - 1:
                 # A torn tail (the process died mid-write): cut it so appends continue cleanly.
                 log.warning(
@@ -279,12 +279,12 @@ class DiskSpool:
                 continue
             self._segments[first] = path
             self._segment_sizes[first] = len(data)
-            for offset, route_key, size, record_size in records:
+            for offset, route, size, record_size in records:
                 if offset > self._committed:
                     self._pending += 1
                     self._pending_bytes += size
                     self._pending_disk += record_size
-                    self.pending_by_route[self._route_for_key(route_key)] += 1
+                    self.pending_by_route[route] += 1
             last_offset = max(last_offset, max_offset)
         self._next_offset = last_offset + 1
         if self._pending:
@@ -553,8 +553,13 @@ class DiskSpool:
             return _HEAD.size
         return int(_HEAD.unpack_from(data, pos)[1]) + _HEAD.size
 
-    def _decode(self, data: bytes, pos: int) -> tuple[int, Entry, int, int] | int | None:
-        """The record at `pos`: (offset, entry, size, end); an int to skip to; None at the end."""
+    def _decode(
+        self, data: bytes, pos: int, count: bool = True
+    ) -> tuple[int, Entry, int, int] | int | None:
+        """The record at `pos`: (offset, entry, size, end); an int to skip to; None at the end.
+
+        `count`: count and log skipped corrupt bytes (the read path); not at start-up, which
+        reads the same bytes again later."""
         if len(data) - pos < _HEAD.size:
             return None
         magic, length, crc = _HEAD.unpack_from(data, pos)
@@ -562,10 +567,10 @@ class DiskSpool:
         if magic == MAGIC and length >= _BODY.size + 8 and end > len(data):
             return None  # incomplete here: read more (or it is being appended right now)
         if magic != MAGIC or length < _BODY.size + 8:
-            return self._resync(data, pos)
+            return self._resync(data, pos, count)
         record = data[pos + _HEAD.size : end]
         if zlib.crc32(record) != crc:
-            return self._resync(data, pos)
+            return self._resync(data, pos, count)
         received_at, opcode, key_len = _BODY.unpack_from(record, 0)
         key = record[_BODY.size : _BODY.size + key_len]
         raw = record[_BODY.size + key_len : -8]
@@ -585,10 +590,12 @@ class DiskSpool:
         entry = Entry(route, opcode, payload, received_at)
         return offset, entry, entry_size(entry), end
 
-    def _resync(self, data: bytes, pos: int) -> int:
+    def _resync(self, data: bytes, pos: int, count: bool) -> int:
         """Skip a corrupt record: move to the next MAGIC (counted; never fatal)."""
         nxt = data.find(MAGIC, pos + 1)
         skipped = (nxt if nxt >= 0 else len(data)) - pos
+        if not count:
+            return nxt if nxt >= 0 else len(data)
         self.stats.corrupt_records += 1
         self.stats.corrupt_bytes += skipped
         log.error("spool: skipped %d corrupt bytes (crc or framing mismatch)", skipped)
@@ -732,52 +739,23 @@ class DiskSpool:
             os.close(self._lock_file)
             self._lock_file = -1
 
-    def _scan(
-        self, data: bytes, count_corruption: bool
-    ) -> tuple[list[tuple[int, bytes, int, int]], int]:
-        """Parse a whole segment: [(offset, route key, payload size, record size)] and the end
-        of the last good record."""
-        records: list[tuple[int, bytes, int, int]] = []
+    def _scan(self, data: bytes) -> tuple[list[tuple[int, int, int, int]], int]:
+        """Parse a whole segment at start-up: [(offset, route, payload size, record size)]
+        and the end of the last good record. Corrupt records are skipped uncounted here: the
+        writer counts them when it reads past them."""
+        records: list[tuple[int, int, int, int]] = []
         pos = 0
         good_end = 0
-        n = len(data)
-        while n - pos >= _HEAD.size:
-            magic, length, crc = _HEAD.unpack_from(data, pos)
-            end = pos + _HEAD.size + length
-            if magic != MAGIC or length < _BODY.size + 8 or end > n:
-                if magic == MAGIC and end > n and length >= _BODY.size + 8:
-                    break  # torn tail
-                nxt = data.find(MAGIC, pos + 1)
-                if nxt < 0:
-                    break
-                if count_corruption:
-                    self.stats.corrupt_records += 1
-                    self.stats.corrupt_bytes += nxt - pos
-                pos = nxt
+        while True:
+            record = self._decode(data, pos, count=False)
+            if record is None:  # the end, or a torn record at the end
+                return records, good_end
+            if isinstance(record, int):
+                pos = record
                 continue
-            record = data[pos + _HEAD.size : end]
-            if zlib.crc32(record) != crc:
-                nxt = data.find(MAGIC, pos + 1)
-                if count_corruption:
-                    self.stats.corrupt_records += 1
-                    self.stats.corrupt_bytes += (nxt if nxt >= 0 else n) - pos
-                if nxt < 0:
-                    break
-                pos = nxt
-                continue
-            _, opcode, key_len = _BODY.unpack_from(record, 0)
-            key = record[_BODY.size : _BODY.size + key_len]
-            (offset,) = _OFFSET.unpack_from(record, len(record) - 8)
-            size = len(record) - _BODY.size - key_len - 8
-            if opcode & _OVERSIZED_FLAG:
-                with contextlib.suppress(ValueError, KeyError, TypeError):
-                    size = len(
-                        base64.b64decode(orjson.loads(record[_BODY.size + key_len : -8])["head"])
-                    )
-            records.append((offset, key, size, end - pos))
-            pos = end
-            good_end = end
-        return records, good_end
+            offset, entry, size, end = record
+            records.append((offset, entry.subscription, size, end - pos))
+            pos = good_end = end
 
 
 __all__ = [

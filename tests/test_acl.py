@@ -92,6 +92,24 @@ def acl_user(redis_server: RedisServer, redis_client: redis.Redis) -> Iterator[A
     admin.close()
 
 
+def start_as_acl_user(
+    make_config: ConfigFactory,
+    run_forwarder: Callable[..., Forwarder],
+    acl_user: AclUser,
+    events: list[str],
+) -> Forwarder:
+    """A forwarder writing as the ACL user, once all its subscriptions are connected."""
+    config = make_config(
+        {"main": events},
+        stream=STREAM,
+        extra_source=FAST,
+        environ={"FORWARDER_REDIS_URL": acl_user.url},
+    )
+    forwarder = run_forwarder(config)
+    wait_for(lambda: connected(forwarder), 15, "connected")
+    return forwarder
+
+
 def connected(forwarder: Forwarder) -> bool:
     return all(s.state.value == "connected" for s in forwarder.stats)
 
@@ -125,14 +143,7 @@ def test_forwarder_writes_everything_with_the_least_privilege_user(
     """With only ACL_RULE: frames, dead letters and gap records land, and /readyz is 200."""
     redis_client.script_flush()  # so the writer must SCRIPT LOAD it itself
     events = ["messages.upsert", "call.upsert"]
-    config = make_config(
-        {"main": events},
-        stream=STREAM,
-        extra_source=FAST,
-        environ={"FORWARDER_REDIS_URL": acl_user.url},
-    )
-    forwarder = run_forwarder(config)
-    wait_for(lambda: connected(forwarder), 15, "connected")
+    forwarder = start_as_acl_user(make_config, run_forwarder, acl_user, events)
     assert simulator.send("main", "messages.upsert", 50) == 50
     assert simulator.send("main", "call.upsert", 5) == 5
     assert simulator.invalid_json("main", "call.upsert") == 1
@@ -193,14 +204,7 @@ def test_missing_stream_permission_keeps_frames_until_it_is_granted(
     """No key permission on the streams: noperm counted, frames kept; once granted, all land."""
     monkeypatch.setattr(sink, "CONFIG_ERROR_RETRY_SECONDS", 0.2)  # no 30 s wait in a test
     acl_user.set_rule(ACL_RULE.replace(" ~wa:*", ""))
-    config = make_config(
-        {"main": ["messages.upsert"]},
-        stream=STREAM,
-        extra_source=FAST,
-        environ={"FORWARDER_REDIS_URL": acl_user.url},
-    )
-    forwarder = run_forwarder(config)
-    wait_for(lambda: connected(forwarder), 15, "connected")
+    forwarder = start_as_acl_user(make_config, run_forwarder, acl_user, ["messages.upsert"])
     assert simulator.send("main", "messages.upsert", 20) == 20
     wait_for(lambda: redis_errors(forwarder, "noperm") >= 2, 15, "noperm errors counted")
     assert forwarder.spool.pending()[0] >= 20
@@ -223,15 +227,8 @@ def test_missing_permission_is_logged_at_error(
     monkeypatch.setattr(sink, "CONFIG_ERROR_RETRY_SECONDS", 0.2)  # no 30 s wait in a test
     caplog.set_level(logging.INFO, logger="forwarder")
     acl_user.set_rule(ACL_RULE.replace(" ~wa:*", ""))
-    config = make_config(
-        {"main": ["messages.upsert"]},
-        stream=STREAM,
-        extra_source=FAST,
-        environ={"FORWARDER_REDIS_URL": acl_user.url},
-    )
-    forwarder = run_forwarder(config)
+    forwarder = start_as_acl_user(make_config, run_forwarder, acl_user, ["messages.upsert"])
     try:
-        wait_for(lambda: connected(forwarder), 15, "connected")
         simulator.send("main", "messages.upsert", 3)
         wait_for(lambda: redis_errors(forwarder, "noperm") >= 1, 15, "noperm errors counted")
         wait_for(
@@ -262,15 +259,8 @@ def test_missing_xadd_permission_loses_nothing(
     """Without +xadd the frames stay in the spool (noperm), and land once it is granted."""
     monkeypatch.setattr(sink, "CONFIG_ERROR_RETRY_SECONDS", 0.2)  # no 30 s wait in a test
     acl_user.set_rule(ACL_RULE.replace(" +xadd", ""))
-    config = make_config(
-        {"main": ["messages.upsert"]},
-        stream=STREAM,
-        extra_source=FAST,
-        environ={"FORWARDER_REDIS_URL": acl_user.url},
-    )
-    forwarder = run_forwarder(config)
+    forwarder = start_as_acl_user(make_config, run_forwarder, acl_user, ["messages.upsert"])
     try:
-        wait_for(lambda: connected(forwarder), 15, "connected")
         assert simulator.send("main", "messages.upsert", 5) == 5
         wait_for(lambda: forwarder.stats[0].received == 5, 15, "received")
         wait_for(lambda: redis_errors(forwarder, "noperm") >= 1, 2, "noperm errors counted")
