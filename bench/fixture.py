@@ -21,8 +21,8 @@ import redis
 
 from bench.procs import PAUSE, PYTHON, Procs, ProcStat, free_port, http_json, wait_until
 from forwarder import config as forwarder_config_module
-from forwarder.payloads import min_size, seq_of
-from forwarder.simulator import mint_token
+from forwarder_sim import mint_token
+from forwarder_sim.payloads import min_size, seq_of
 
 SECRET = "bench-secret-not-for-production"  # noqa: S105 - loopback only
 Kind = Literal["forwarder", "baseline", "ceiling"]

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any
 
-from forwarder.simulator import Simulator
+from forwarder_sim import Simulator
 
 _PAUSE = threading.Event()  # never set: an interruptible pause
 

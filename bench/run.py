@@ -32,7 +32,7 @@ from bench.fixture import Client, Generator, Kind, drain_and_verify, start_clien
 from bench.fixture import forwarder_config as write_forwarder_config
 from bench.procs import PAUSE, PYTHON, CpuMeter, Procs, ProcStat, start_redis, wait_until
 from forwarder.events import SENT_EVENTS
-from forwarder.payloads import seq_of
+from forwarder_sim.payloads import seq_of
 
 SCENARIOS = ("A", "B", "C", "D", "E", "F")
 EVENT = "messages.upsert"

@@ -30,7 +30,7 @@ from typing import cast
 
 import redis
 
-from forwarder.simulator import Simulator, mint_token
+from forwarder_sim import Simulator, mint_token
 
 SECRET = "soak-secret-0123456789-0123456789-abcdef"  # noqa: S105 - the local simulator's
 EVENTS = ("messages.upsert", "messages.update", "chats.upsert")

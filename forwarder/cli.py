@@ -31,9 +31,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "simulate":
         # The simulator has its own argument parser (and a `token` sub-command).
-        from forwarder import simulator
+        import forwarder_sim
 
-        return simulator.main(args[1:])
+        return forwarder_sim.main(args[1:])
     parser = _parser()
     ns = parser.parse_args(args)
     if ns.command is None:

@@ -20,7 +20,7 @@ import time
 import redis
 
 from forwarder.cli import main as forwarder_main
-from forwarder.simulator import DEV_SECRET, mint_token
+from forwarder_sim import DEV_SECRET, mint_token
 
 INSTANCE = "demo"
 RATES = {  # frames per second, roughly a busy support number

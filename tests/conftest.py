@@ -13,7 +13,7 @@ import redis
 
 from forwarder.config import Config, load_config
 from forwarder.daemon import Forwarder
-from forwarder.simulator import Simulator, mint_token
+from forwarder_sim import Simulator, mint_token
 from tests.helpers import RedisServer
 
 SECRET = "test-secret-please-ignore"  # the simulator's HS256 secret in tests

@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder import sink
 from forwarder.daemon import Forwarder
-from forwarder.simulator import Simulator
+from forwarder_sim import Simulator
 from tests.conftest import ConfigFactory
 from tests.helpers import RedisServer, wait_for, xrange
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import redis
 
 from forwarder.errors import ExitCode
-from forwarder.simulator import Simulator, mint_token
+from forwarder_sim import Simulator, mint_token
 from tests.conftest import SECRET
 from tests.helpers import RedisServer, free_port, wait_for, xrange
 

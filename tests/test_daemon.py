@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.config import load_config
 from forwarder.daemon import Forwarder
-from forwarder.simulator import Simulator
+from forwarder_sim import Simulator
 from tests.conftest import ConfigFactory
 from tests.helpers import wait_for, xrange
 

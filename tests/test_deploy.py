@@ -21,7 +21,7 @@ import pytest
 
 from forwarder.config import load_config
 from forwarder.daemon import Forwarder
-from forwarder.simulator import mint_token
+from forwarder_sim import mint_token
 from tests.conftest import SECRET, ConfigFactory
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,7 +18,7 @@ import pytest
 
 from forwarder.daemon import Forwarder
 from forwarder.errors import ExitCode
-from forwarder.simulator import Simulator, mint_token
+from forwarder_sim import Simulator, mint_token
 from tests.conftest import SECRET, ConfigFactory
 from tests.helpers import RedisServer, free_port, wait_for, xrange
 from tests.proxy import ReplyCuttingProxy

@@ -21,7 +21,7 @@ import pytest
 
 from forwarder.errors import ExitCode
 from forwarder.notify import Notifier, format_status, watchdog_interval
-from forwarder.simulator import Simulator
+from forwarder_sim import Simulator
 from tests.helpers import RedisServer, wait_for
 from tests.test_cli import metrics_port, write_config
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from forwarder import payloads
+from forwarder_sim import payloads
 
 ARRAY_EVENTS = {"chats.upsert", "chats.update", "contacts.upsert", "groups.upsert", "groups.update"}
 

@@ -29,10 +29,11 @@ from forwarder.backoff import AttemptLimiter, ReconnectBackoff
 from forwarder.config import Backoff, Secret, SourceConfig, Subscription, TokenRef
 from forwarder.daemon import Forwarder
 from forwarder.events import ALLOWED_EVENTS
-from forwarder.simulator import Simulator, _bad_frame, mint_token
 from forwarder.spool import DiskSpool, Entry
 from forwarder.stats import State, SubscriptionStats
 from forwarder.subscriber import Connection, Subscriber, websocket_connect
+from forwarder_sim import Simulator, mint_token
+from forwarder_sim.server import _bad_frame
 from tests.conftest import SECRET, ConfigFactory
 from tests.helpers import wait_for, xrange
 

@@ -27,8 +27,7 @@ import orjson
 import pytest
 import websocket
 
-from forwarder import payloads
-from forwarder.simulator import DEV_SECRET, REJECT_RESPONSE, Simulator, main, mint_token
+from forwarder_sim import DEV_SECRET, REJECT_RESPONSE, Simulator, main, mint_token, payloads
 
 SECRET = "simulator-test-secret"  # short on purpose: upstream secrets can be short too
 INSTANCE = "acme"
@@ -724,7 +723,7 @@ def test_cli_token_prints_verifiable_token(capsys: pytest.CaptureFixture[str]) -
 def test_cli_serves_until_sigterm(tmp_path: Path) -> None:
     """`simulate` prints its URL, serves, rewrites the stats file, and exits 0 on SIGTERM."""
     stats_file = tmp_path / "stats.json"
-    code = "import sys; from forwarder.simulator import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from forwarder_sim import main; sys.exit(main(sys.argv[1:]))"
     args = ["--port", "0", "--stats-file", str(stats_file), "--rate", f"{EVENT}=50"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("FORWARDER_SIM_SECRET", None)

@@ -24,7 +24,6 @@ from forwarder.config import Backoff, Secret, SourceConfig, Subscription, TokenR
 from forwarder.decode import REASONS, invalid_reason
 from forwarder.errors import HandshakeRejected
 from forwarder.frames import Opcode
-from forwarder.simulator import encode_frame, mint_token
 from forwarder.sink import dead_letter_fields, gap_fields
 from forwarder.spool import GAP, DiskSpool, Entry, Route
 from forwarder.stats import SubscriptionStats
@@ -36,6 +35,7 @@ from forwarder.subscriber import (
     evidence_window,
     token_expiry,
 )
+from forwarder_sim import encode_frame, mint_token
 from tests.helpers import wait_for
 
 SECRET = "unit-secret"

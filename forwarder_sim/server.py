@@ -1,7 +1,7 @@
 """A local stand-in for CodeChat ``whatsapp-api``'s event WebSocket (``/ws/events``).
 
 ``forwarder simulate`` runs it as a process; tests and benchmarks use :class:`Simulator` in
-process. It reproduces the upstream behaviour described in ``upstream-protocol.md`` §1-§6:
+process. It reproduces the upstream behaviour described in docs/upstream.md:
 
 * ``ws://HOST:PORT/ws/events?event=NAME&token=JWT``; checks in upstream order (exact path, both
   params present, token shaped like a JWT, event in ``ListEvents``, HS256 signature and, unless
@@ -30,7 +30,6 @@ loop thread itself (for example from inside a callback running on it).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import contextlib
@@ -38,46 +37,35 @@ import enum
 import fcntl
 import hashlib
 import logging
-import os
 import re
-import secrets
-import signal
 import socket
 import ssl
 import struct
-import sys
 import termios
 import threading
-import time
 import urllib.parse
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from functools import lru_cache
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any, TypeVar
 
 import jwt
 import orjson
-from jwt.algorithms import HMACAlgorithm
 
-from forwarder import payloads
+from forwarder_sim import payloads
+from forwarder_sim.tokens import JWT_CODEC, mint_token, token_instance_unverified
 
 __all__ = [
     "CONTROLS",
-    "DEV_SECRET",
     "REJECT_RESPONSE",
     "WS_PATH",
     "Simulator",
     "encode_frame",
-    "main",
-    "mint_token",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Development secret used when neither ``--secret`` nor ``FORWARDER_SIM_SECRET`` is given.
-#: It is public (it is in this file), so only use it on loopback.
-DEV_SECRET = "forwarder-simulator-development-secret-0123456789"  # noqa: S105 - public by design
 
 #: The only path upstream accepts (no trailing slash, no prefix).
 WS_PATH = "/ws/events"
@@ -102,72 +90,6 @@ _TRACK_BYTES = 64 * 1024 * 1024
 _SIOCOUTQ = termios.TIOCOUTQ  # Linux: unsent + unacknowledged bytes in a TCP send queue
 
 _T = TypeVar("_T")
-
-
-# --------------------------------------------------------------------------- tokens
-
-
-class _QuietHMAC(HMACAlgorithm):
-    """HMAC without PyJWT's short-key warning: upstream secrets are whatever operators set."""
-
-    def check_key_length(self, key: bytes) -> str | None:
-        return None
-
-
-def _make_jwt() -> jwt.PyJWT:
-    codec = jwt.PyJWT()
-    # PyJWT warns (an error under ``-W error``) for HMAC keys under 32 bytes; upstream's
-    # jsonwebtoken does not, and short development secrets are common, so swap the algorithms.
-    jws = codec._jws  # PyJWT exposes no public hook for this
-    for name, digest in (
-        ("HS256", HMACAlgorithm.SHA256),
-        ("HS384", HMACAlgorithm.SHA384),
-        ("HS512", HMACAlgorithm.SHA512),
-    ):
-        jws.unregister_algorithm(name)
-        jws.register_algorithm(name, _QuietHMAC(digest))
-    return codec
-
-
-_JWT = _make_jwt()
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def _ulid(now: float) -> str:
-    value = (int(now * 1000) << 80) | secrets.randbits(80)
-    return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
-
-
-def mint_token(
-    instance: str, secret: str, expires_in: float | None = None, now: float | None = None
-) -> str:
-    """Return an HS256 JWT shaped like upstream's instance token.
-
-    Claims, in upstream order: ``instanceName``, ``apiName`` (``"whatsapp-api"``), ``tokenId``
-    (a ULID), ``iat``, ``exp`` (only when ``expires_in`` is given; negative values give an
-    already-expired token) and ``sub`` (``"g-t"``). ``now`` defaults to the wall clock.
-    """
-    issued = time.time() if now is None else now
-    claims: dict[str, Any] = {
-        "instanceName": instance,
-        "apiName": "whatsapp-api",
-        "tokenId": _ulid(issued),
-        "iat": int(issued),
-    }
-    if expires_in is not None:
-        claims["exp"] = int(issued + expires_in)
-    claims["sub"] = "g-t"
-    return _JWT.encode(claims, secret, algorithm="HS256")
-
-
-def _token_instance_unverified(token: str) -> str | None:
-    """Best-effort instance name from a token without checking it (for per-slot reject stats)."""
-    try:
-        claims = _JWT.decode(token, options={"verify_signature": False})
-    except jwt.PyJWTError:
-        return None
-    name = claims.get("instanceName")
-    return name if isinstance(name, str) else None
 
 
 # --------------------------------------------------------------------------- framing
@@ -764,10 +686,10 @@ class Simulator:
         if event not in _ALLOWED:
             self._reject(conn, "event")
             return
-        guessed = _token_instance_unverified(token)
+        guessed = token_instance_unverified(token)
         known = (guessed, event) if guessed is not None else None
         try:
-            claims = _JWT.decode(
+            claims = JWT_CODEC.decode(
                 token,
                 self._secret,
                 algorithms=["HS256", "HS384", "HS512"],
@@ -1573,171 +1495,3 @@ def _control_table() -> dict[str, Callable[..., Awaitable[dict[str, Any]]]]:
 
 #: ``POST /control/<name>`` handlers; the JSON body supplies the keyword arguments.
 CONTROLS: dict[str, Callable[..., Awaitable[dict[str, Any]]]] = _control_table()
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _parse_rate(text: str) -> tuple[str, float]:
-    event, sep, value = text.partition("=")
-    if not sep or event not in _ALLOWED:
-        raise argparse.ArgumentTypeError(f"expected EVENT=RATE with a known event, got {text!r}")
-    try:
-        rate = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad rate in {text!r}") from None
-    if rate < 0:
-        raise argparse.ArgumentTypeError(f"negative rate in {text!r}")
-    return event, rate
-
-
-def _secret_from(arg: str | None) -> tuple[str, str]:
-    if arg:
-        return arg, "--secret"
-    env = os.environ.get("FORWARDER_SIM_SECRET")
-    if env:
-        return env, "FORWARDER_SIM_SECRET"
-    return DEV_SECRET, "DEV_SECRET"
-
-
-def _main_token(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="forwarder simulate token", description="Print an upstream-style instance token."
-    )
-    parser.add_argument("--instance", required=True)
-    parser.add_argument("--secret", help="default: $FORWARDER_SIM_SECRET, else DEV_SECRET")
-    parser.add_argument("--expires-in", type=float, default=None, metavar="SECONDS")
-    args = parser.parse_args(argv)
-    secret, _ = _secret_from(args.secret)
-    sys.stdout.write(mint_token(args.instance, secret, args.expires_in) + "\n")
-    return 0
-
-
-def _write_stats(path: str, data: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(orjson.dumps(data, option=orjson.OPT_INDENT_2))
-    os.replace(tmp, path)  # atomic: readers see the old or the new file, never half of one
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``forwarder simulate [...]`` and ``forwarder simulate token [...]``; returns exit code.
-
-    Runs in the foreground until SIGINT or SIGTERM.
-    """
-    args_in = list(sys.argv[1:] if argv is None else argv)
-    if args_in[:1] == ["token"]:
-        return _main_token(args_in[1:])
-    parser = argparse.ArgumentParser(
-        prog="forwarder simulate",
-        description="Run a local stand-in for the CodeChat whatsapp-api event WebSocket. "
-        "Use 'forwarder simulate token --instance NAME' to mint a token.",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8084)
-    parser.add_argument("--secret", help="default: $FORWARDER_SIM_SECRET, else DEV_SECRET")
-    parser.add_argument(
-        "--rate",
-        type=_parse_rate,
-        action="append",
-        default=[],
-        metavar="EVENT=N",
-        help="frames per second for EVENT (repeatable)",
-    )
-    parser.add_argument(
-        "--default-rate",
-        type=float,
-        default=0.0,
-        metavar="N",
-        help="frames per second for every event upstream really sends (default 0: none)",
-    )
-    parser.add_argument(
-        "--instance",
-        action="append",
-        default=[],
-        metavar="NAME",
-        help="create this instance's slots at start, so traffic flows (and is dropped) "
-        "before anyone connects (repeatable)",
-    )
-    parser.add_argument(
-        "--frame-size",
-        type=int,
-        default=None,
-        metavar="BYTES",
-        help="generate fixed-size frames (benchmarks) instead of realistic ones",
-    )
-    parser.add_argument("--seed", type=int, default=None, help="payload seed (default 0)")
-    parser.add_argument(
-        "--record", action="store_true", help="keep every delivered frame in memory"
-    )
-    parser.add_argument(
-        "--check-expiration",
-        action="store_true",
-        help="reject expired tokens (default: ignore exp, like upstream EXPIRES_IN=0)",
-    )
-    parser.add_argument(
-        "--stats-file", default=None, metavar="PATH", help="rewrite stats JSON here every second"
-    )
-    parser.add_argument(
-        "--tls-cert",
-        default=None,
-        metavar="PEM",
-        help="serve wss:// with this certificate chain (and its key, unless --tls-key)",
-    )
-    parser.add_argument("--tls-key", default=None, metavar="PEM", help="the --tls-cert key")
-    args = parser.parse_args(args_in)
-    if args.tls_key and not args.tls_cert:
-        parser.error("--tls-key needs --tls-cert")
-    tls: ssl.SSLContext | None = None
-    if args.tls_cert:
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        try:
-            tls.load_cert_chain(args.tls_cert, args.tls_key)
-        except OSError as exc:  # ssl.SSLError included
-            parser.error(f"cannot load --tls-cert/--tls-key: {exc}")
-    secret, source = _secret_from(args.secret)
-    sim = Simulator(
-        secret,
-        host=args.host,
-        port=args.port,
-        rates=dict(args.rate),
-        default_rate=args.default_rate,
-        record=args.record,
-        ignore_expiration=not args.check_expiration,
-        seed=args.seed,
-        frame_size=args.frame_size,
-        instances=args.instance,
-        ssl_context=tls,
-    )
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        try:
-            sim.start()
-        except OSError as exc:
-            sys.stderr.write(f"forwarder simulate: cannot listen: {exc}\n")
-            return 1
-        hint = {"--secret": " --secret <your secret>", "FORWARDER_SIM_SECRET": ""}.get(source, "")
-        http = "https" if tls else "http"
-        sys.stdout.write(
-            f"simulator listening on {sim.url}?event=EVENT&token=TOKEN\n"
-            f"stats: {http}://{args.host}:{sim.port}/stats  "
-            f"control: POST {http}://{args.host}:{sim.port}/control/<name>\n"
-            f"mint a token: forwarder simulate token --instance NAME{hint}\n"
-            f"(secret from {source})\n"
-        )
-        sys.stdout.flush()
-        while not stop.wait(1.0):
-            if args.stats_file:
-                _write_stats(args.stats_file, sim.stats())
-        if args.stats_file:
-            _write_stats(args.stats_file, sim.stats())
-        return 0
-    finally:
-        sim.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -1,0 +1,20 @@
+"""A local stand-in for CodeChat ``whatsapp-api`` (its event WebSocket): tests, benchmarks, demo.
+
+Not part of the daemon: ``forwarder run`` never imports this package, and PyJWT (which only
+the simulator needs) is the ``sim`` extra.
+"""
+
+from forwarder_sim.cli import main
+from forwarder_sim.server import CONTROLS, REJECT_RESPONSE, WS_PATH, Simulator, encode_frame
+from forwarder_sim.tokens import DEV_SECRET, mint_token
+
+__all__ = [
+    "CONTROLS",
+    "DEV_SECRET",
+    "REJECT_RESPONSE",
+    "WS_PATH",
+    "Simulator",
+    "encode_frame",
+    "main",
+    "mint_token",
+]
