@@ -31,8 +31,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "simulate":
         # The simulator has its own argument parser (and a `token` sub-command).
-        import forwarder_sim
-
+        try:
+            import forwarder_sim
+        except ImportError as exc:  # a service install has no PyJWT: the simulator is an extra
+            sys.stderr.write(
+                f"forwarder simulate needs the simulator's extra ({exc.name} is missing): "
+                "pip install 'forwarder[sim]'\n"
+            )
+            return ExitCode.CONFIG
         return forwarder_sim.main(args[1:])
     parser = _parser()
     ns = parser.parse_args(args)
