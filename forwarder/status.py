@@ -15,6 +15,7 @@ problems.py), `unhealthy` (any problem) or `all`. An unknown parameter or state 
 
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -156,76 +157,84 @@ def _matches(s: SubscriptionStats, problems: tuple[str, ...], wanted: dict[str, 
     return s.state.value in states or any(p in states for p in problems)
 
 
+_TOTALS = ("received", "forwarded", "dropped", "lost", "reconnects")
+_READ_TOTALS = operator.attrgetter(*_TOTALS)
+
+
 def _summary(
     subs: Sequence[SubscriptionStats],
     found: Sequence[tuple[str, ...]],
     pending_of: Callable[[int], int],
 ) -> dict[str, Any]:
-    """Counts per state and problem, totals per event, counts per source."""
-    states = dict.fromkeys((s.value for s in State), 0)
+    """Counts per state and problem, totals per event, counts per source.
+
+    Sums run column by column in C (zip, sum), the per-subscription Python loop only
+    counts states: this is what keeps /status of 10,000 subscriptions fast.
+    """
     problems = dict.fromkeys(PROBLEMS, 0)
-    events: dict[str, dict[str, Any]] = {}
-    sources: dict[str, dict[str, Any]] = {}
+    states: dict[State, int] = dict.fromkeys(State, 0)
+    by_event: dict[str, list[int]] = {}
+    # source -> [subscriptions, unhealthy, {state: count}, newest token exp]
+    by_source: dict[str, list[Any]] = {}
     configured = unhealthy = 0
+    connected = State.CONNECTED
     for index, s in enumerate(subs):
-        names = found[index]
-        ev = events.get(s.event)
-        if ev is None:
-            ev = events[s.event] = {
-                "subscriptions": 0,
-                "connected": 0,
-                "unhealthy": 0,
-                "received": 0,
-                "forwarded": 0,
-                "dropped": 0,
-                "lost": 0,
-                "dead_lettered": 0,
-                "reconnects": 0,
-                "spool_pending": 0,
-            }
-        ev["received"] += s.received
-        ev["forwarded"] += s.forwarded
-        ev["dropped"] += s.dropped
-        ev["lost"] += s.lost
-        ev["dead_lettered"] += sum(list(s.invalid.values()))
-        ev["reconnects"] += s.reconnects
-        ev["spool_pending"] += pending_of(index)
+        members = by_event.get(s.event)
+        if members is None:
+            by_event[s.event] = [index]
+        else:
+            members.append(index)
         if not s.configured:
             continue
         configured += 1
-        state = s.state.value
+        state = s.state
         states[state] += 1
-        ev["subscriptions"] += 1
-        src = sources.get(s.source)
+        src = by_source.get(s.source)
         if src is None:
-            src = sources[s.source] = {
-                "subscriptions": 0,
-                "unhealthy": 0,
-                "states": dict.fromkeys(states, 0),
-                "token_expires_at": None,
-            }
-        src["subscriptions"] += 1
-        src["states"][state] += 1
+            src = by_source[s.source] = [0, 0, dict.fromkeys(State, 0), None]
+        src[0] += 1
+        src[2][state] += 1
         exp = s.token_expires_at
-        if exp is not None and (src["token_expires_at"] is None or exp > src["token_expires_at"]):
-            src["token_expires_at"] = exp
-        if state == State.CONNECTED.value:
-            ev["connected"] += 1
+        if exp is not None and (src[3] is None or exp > src[3]):
+            src[3] = exp
+        names = found[index]
         if names:
             unhealthy += 1
-            ev["unhealthy"] += 1
-            src["unhealthy"] += 1
+            src[1] += 1
             for name in names:
                 problems[name] += 1
+    events: dict[str, dict[str, Any]] = {}
+    for event, indices in by_event.items():
+        mine = [subs[i] for i in indices]
+        totals = dict(
+            zip(_TOTALS, map(sum, zip(*map(_READ_TOTALS, mine), strict=True)), strict=True)
+        )
+        live = [s for s in mine if s.configured]
+        events[event] = {
+            "subscriptions": len(live),
+            "connected": sum(1 for s in live if s.state is connected),
+            "unhealthy": sum(1 for i in indices if found[i]),
+            **totals,
+            "dead_lettered": sum(sum(list(s.invalid.values())) for s in mine if s.invalid),
+            "spool_pending": sum(pending_of(i) for i in indices),
+        }
     return {
         "summary": {
             "subscriptions": configured,
-            "states": states,
+            "states": {state.value: n for state, n in states.items()},
             "problems": problems,
             "unhealthy": unhealthy,
         },
         "events": events,
-        "sources": sources,
+        "sources": {
+            name: {
+                "subscriptions": src[0],
+                "unhealthy": src[1],
+                "states": {state.value: n for state, n in src[2].items()},
+                "token_expires_at": src[3],
+            }
+            for name, src in by_source.items()
+        },
     }
 
 
