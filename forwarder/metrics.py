@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import operator
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from prometheus_client import ProcessCollector
@@ -110,6 +111,11 @@ _LABELLED = (
 )
 _READ_COUNTERS = operator.attrgetter(*(attr for _, _, attr in _COUNTERS))
 _READ_LABELLED = operator.attrgetter(*(attr for _, _, attr, _ in _LABELLED))
+_FLAPPING_UNTIL = operator.attrgetter("flapping_until")
+_LAST_MESSAGE_AT = operator.attrgetter("last_message_at")
+_SOURCE_EXPIRY = operator.attrgetter("source", "token_expires_at")
+_SOURCE_STATE = operator.attrgetter("source", "state")
+_CONFIGURED = operator.attrgetter("configured")
 # Slots of a group's sums after the plain counters.
 _BLIND, _PENDING, _FLAPPING, _LAST = range(len(_COUNTERS), len(_COUNTERS) + 4)
 _BUCKET_BOUNDS = tuple(
@@ -211,12 +217,12 @@ class ForwarderCollector(Collector):
                         into[value] = into.get(value, 0) + count
             sums[_BLIND] = sum(s.blind_seconds(now) for s in mine)
             sums[_PENDING] = sum(pending[i] for i in indices if i < len(pending))
-            sums[_FLAPPING] = sum(
-                1 for s in mine if s.flapping_until is not None and s.flapping_until > now
-            )
-            sums[_LAST] = max(s.last_message_at or 0.0 for s in mine)
-            ups = [s.state is State.CONNECTED for s in mine if s.configured]
-            group.connected = (1.0 if any(ups) else 0.0) if ups else None
+            # filter(None, ...) drops the Nones (and zeros, harmless here), in C.
+            sums[_FLAPPING] = sum(map(now.__lt__, filter(None, map(_FLAPPING_UNTIL, mine))))
+            sums[_LAST] = max(filter(None, map(_LAST_MESSAGE_AT, mine)), default=0.0)
+            if self._per_subscription:
+                ups = [s.state is State.CONNECTED for s in mine if s.configured]
+                group.connected = (1.0 if any(ups) else 0.0) if ups else None
         # The histogram per event only, unless every series is per subscription.
         latency: dict[tuple[str, ...], _Latency] = {}
         if self._per_subscription:
@@ -302,29 +308,23 @@ class ForwarderCollector(Collector):
     # -- subscription health ------------------------------------------------------------------
 
     def _health(self, subs: Sequence[SubscriptionStats], now: float) -> Iterator[Metric]:
-        states = tuple(State)
-        by_source: dict[str, dict[State, int]] = {}
         expiry: dict[str, float] = {}
-        for s in subs:
-            exp = s.token_expires_at
+        for source, exp in map(_SOURCE_EXPIRY, subs):
             if exp is not None:
                 # Subscriptions re-read the token at different times: the newest token (the
                 # latest exp) is the one the next reconnect will use.
-                expiry[s.source] = max(exp, expiry.get(s.source, exp))
-            if not s.configured:
-                continue
-            counts = by_source.get(s.source)
-            if counts is None:
-                counts = by_source[s.source] = dict.fromkeys(states, 0)
-            counts[s.state] += 1
+                expiry[source] = max(exp, expiry.get(source, exp))
+        # Counter() of an iterable counts in C.
+        counts = Counter(map(_SOURCE_STATE, filter(_CONFIGURED, subs)))
         family = GaugeMetricFamily(
             "forwarder_subscriptions",
             "Configured subscriptions by source and state.",
             labels=("source", "state"),
         )
-        for source, counts in by_source.items():
-            for state, count in counts.items():
-                family.add_metric((source, state.value), count)
+        states = tuple(State)
+        for source in dict.fromkeys(source for source, _ in counts):  # first-seen order
+            for state in states:
+                family.add_metric((source, state.value), counts[source, state])
         yield family
 
         found = self._problems.find(subs, now)
