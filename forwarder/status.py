@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import operator
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -66,6 +67,9 @@ class StatusReport:
         self._spool_dir = spool_dir
         self._started_at = started_at
         self._clock = clock
+        # (the subscriptions seen last, their indices by event): the list changes only on
+        # reload, so the grouping is reused. Replaced as one tuple: safe for concurrent calls.
+        self._grouped: tuple[tuple[SubscriptionStats, ...], dict[str, list[int]]] = ((), {})
 
     def build(self, query: Query | None = None) -> tuple[int, dict[str, Any]]:
         """(HTTP status, document): 200, or 400 with {"error": ...} for a bad query."""
@@ -74,25 +78,23 @@ class StatusReport:
         except ValueError as exc:
             return 400, {"error": str(exc)}
         subs = tuple(self._subscriptions())
-        pending_by_route = list(self._spool.pending_by_route)
+        # One counter per subscription: a route registered but not yet given stats, or
+        # stats not yet given a route (a reload half done), must not shift or fail anything.
+        pending = (list(self._spool.pending_by_route) + [0] * len(subs))[: len(subs)]
         now = self._clock()
         found = self._problems.find(subs, now)
-
-        def pending_of(index: int) -> int:
-            return pending_by_route[index] if index < len(pending_by_route) else 0
-
-        doc = self._header(now)
-        doc.update(_summary(subs, found, pending_of))
         sick = [i for i, names in enumerate(found) if names]
+        doc = self._header(now)
+        doc.update(_summary(subs, self._by_event(subs), found, sick, pending))
         doc["unhealthy"] = [
-            row(subs[i], found[i], pending_of(i), now) for i in sick[:UNHEALTHY_ROWS_MAX]
+            row(subs[i], found[i], pending[i], now) for i in sick[:UNHEALTHY_ROWS_MAX]
         ]
         doc["unhealthy_truncated"] = len(sick) > UNHEALTHY_ROWS_MAX
         if wanted:
             doc["filters"] = {key: sorted(values) for key, values in wanted.items()}
         if wanted or len(subs) <= ALL_ROWS_UP_TO:
             doc["subscriptions"] = [
-                row(s, found[i], pending_of(i), now)
+                row(s, found[i], pending[i], now)
                 for i, s in enumerate(subs)
                 if _matches(s, found[i], wanted)
             ]
@@ -123,6 +125,16 @@ class StatusReport:
                 "corrupt_records": spool.stats.corrupt_records,
             },
         }
+
+    def _by_event(self, subs: tuple[SubscriptionStats, ...]) -> dict[str, list[int]]:
+        """Indices by event, in the configuration's order (computed again after a reload)."""
+        seen, groups = self._grouped
+        if seen != subs:  # compares identities first: ~0.1 ms for 10,000
+            groups = {}
+            for index, event in enumerate(map(_EVENT, subs)):
+                groups.setdefault(event, []).append(index)
+            self._grouped = (subs, groups)
+        return groups
 
 
 def parse_query(query: Query) -> dict[str, set[str]]:
@@ -159,82 +171,83 @@ def _matches(s: SubscriptionStats, problems: tuple[str, ...], wanted: dict[str, 
 
 _TOTALS = ("received", "forwarded", "dropped", "lost", "reconnects")
 _READ_TOTALS = operator.attrgetter(*_TOTALS)
+_EVENT = operator.attrgetter("event")
+_SOURCE = operator.attrgetter("source")
+_STATE = operator.attrgetter("state")
+_SOURCE_EXPIRY = operator.attrgetter("source", "token_expires_at")
+_CONFIGURED = operator.attrgetter("configured")
+_INVALID = operator.attrgetter("invalid")
 
 
 def _summary(
     subs: Sequence[SubscriptionStats],
+    by_event: dict[str, list[int]],
     found: Sequence[tuple[str, ...]],
-    pending_of: Callable[[int], int],
+    sick: Sequence[int],
+    pending: Sequence[int],
 ) -> dict[str, Any]:
     """Counts per state and problem, totals per event, counts per source.
 
-    Sums run column by column in C (zip, sum), the per-subscription Python loop only
-    counts states: this is what keeps /status of 10,000 subscriptions fast.
+    Everything that touches each subscription runs in C (Counter over attrgetter tuples,
+    zip, sum); only the unhealthy ones get a Python loop. That keeps /status of 10,000
+    subscriptions to a few tens of milliseconds.
     """
-    problems = dict.fromkeys(PROBLEMS, 0)
-    states: dict[State, int] = dict.fromkeys(State, 0)
-    by_event: dict[str, list[int]] = {}
-    # source -> [subscriptions, unhealthy, {state: count}, newest token exp]
-    by_source: dict[str, list[Any]] = {}
-    configured = unhealthy = 0
-    connected = State.CONNECTED
-    for index, s in enumerate(subs):
-        members = by_event.get(s.event)
-        if members is None:
-            by_event[s.event] = [index]
-        else:
-            members.append(index)
-        if not s.configured:
-            continue
-        configured += 1
-        state = s.state
-        states[state] += 1
-        src = by_source.get(s.source)
+    live = list(filter(_CONFIGURED, subs))
+    # (source, state) and (event, state) -> subscriptions, counted in C. id() keeps the
+    # hashing in C (an Enum's __hash__ is Python); the members are singletons.
+    state_ids = list(map(id, map(_STATE, live)))
+    per_source = Counter(zip(map(_SOURCE, live), state_ids, strict=True))
+    per_event = Counter(zip(map(_EVENT, live), state_ids, strict=True))
+    state_of = {id(state): state.value for state in State}
+    connected = id(State.CONNECTED)
+    sources: dict[str, dict[str, Any]] = {}
+    state_counts = dict.fromkeys(state_of.values(), 0)
+    for (source, state), count in per_source.items():
+        src = sources.get(source)
         if src is None:
-            src = by_source[s.source] = [0, 0, dict.fromkeys(State, 0), None]
-        src[0] += 1
-        src[2][state] += 1
-        exp = s.token_expires_at
-        if exp is not None and (src[3] is None or exp > src[3]):
-            src[3] = exp
-        names = found[index]
-        if names:
-            unhealthy += 1
-            src[1] += 1
-            for name in names:
-                problems[name] += 1
-    events: dict[str, dict[str, Any]] = {}
+            src = sources[source] = {
+                "subscriptions": 0,
+                "unhealthy": 0,
+                "states": dict.fromkeys(state_of.values(), 0),
+                "token_expires_at": None,
+            }
+        src["subscriptions"] += count
+        src["states"][state_of[state]] += count
+        state_counts[state_of[state]] += count
+    events: dict[str, dict[str, Any]] = {
+        event: {"subscriptions": 0, "connected": 0, "unhealthy": 0} for event in by_event
+    }
+    for (event, state), count in per_event.items():
+        events[event]["subscriptions"] += count
+        if state == connected:
+            events[event]["connected"] += count
+    for source, exp in filter(operator.itemgetter(1), map(_SOURCE_EXPIRY, live)):
+        src = sources[source]
+        if src["token_expires_at"] is None or exp > src["token_expires_at"]:
+            src["token_expires_at"] = exp
+    problems = dict.fromkeys(PROBLEMS, 0)
+    for index in sick:
+        s = subs[index]
+        sources[s.source]["unhealthy"] += 1
+        events[s.event]["unhealthy"] += 1
+        for name in found[index]:
+            problems[name] += 1
     for event, indices in by_event.items():
         mine = [subs[i] for i in indices]
-        totals = dict(
-            zip(_TOTALS, map(sum, zip(*map(_READ_TOTALS, mine), strict=True)), strict=True)
-        )
-        live = [s for s in mine if s.configured]
-        events[event] = {
-            "subscriptions": len(live),
-            "connected": sum(1 for s in live if s.state is connected),
-            "unhealthy": sum(1 for i in indices if found[i]),
-            **totals,
-            "dead_lettered": sum(sum(list(s.invalid.values())) for s in mine if s.invalid),
-            "spool_pending": sum(pending_of(i) for i in indices),
-        }
+        sums = map(sum, zip(*map(_READ_TOTALS, mine), strict=True))
+        events[event].update(zip(_TOTALS, sums, strict=True))
+        # sum() walks each dict's values in C: no other thread runs meanwhile.
+        events[event]["dead_lettered"] = sum(map(sum, map(dict.values, map(_INVALID, mine))))
+        events[event]["spool_pending"] = sum(map(pending.__getitem__, indices))
     return {
         "summary": {
-            "subscriptions": configured,
-            "states": {state.value: n for state, n in states.items()},
+            "subscriptions": len(live),
+            "states": state_counts,
             "problems": problems,
-            "unhealthy": unhealthy,
+            "unhealthy": len(sick),
         },
         "events": events,
-        "sources": {
-            name: {
-                "subscriptions": src[0],
-                "unhealthy": src[1],
-                "states": {state.value: n for state, n in src[2].items()},
-                "token_expires_at": src[3],
-            }
-            for name, src in by_source.items()
-        },
+        "sources": sources,
     }
 
 
