@@ -11,12 +11,7 @@ import json
 import logging
 import os
 import sys
-import threading
-import urllib.request
 from collections.abc import Sequence
-from typing import Any
-
-import redis
 
 from forwarder import __version__
 from forwarder.config import load_config
@@ -24,7 +19,6 @@ from forwarder.errors import ConfigError, ExitCode
 from forwarder.spool import SpoolError
 
 log = logging.getLogger("forwarder")
-_PAUSE = threading.Event()  # never set: an interruptible sleep for the watch loop
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--redis-url", help="also show each stream's length (XLEN)")
     watch.add_argument("--interval", type=float, default=1.0)
     watch.add_argument("--count", type=int, default=0, help="refreshes before exiting (0: never)")
+    watch.add_argument(
+        "--view",
+        choices=("auto", "table", "summary"),
+        default="auto",
+        help="a row per subscription, or counts and the unhealthy ones (auto: the table "
+        "when it fits the terminal)",
+    )
     return parser
 
 
@@ -115,56 +116,10 @@ def _check_config(ns: argparse.Namespace) -> ExitCode:
 
 
 def _watch(ns: argparse.Namespace) -> ExitCode:
-    """Redraw a table of /status (and stream lengths) every interval; used by `make run`."""
-    client = redis.Redis.from_url(ns.redis_url, socket_timeout=2) if ns.redis_url else None
-    shown = 0
-    try:
-        while ns.count == 0 or shown < ns.count:
-            try:
-                with urllib.request.urlopen(ns.status_url, timeout=2) as response:  # noqa: S310
-                    status = json.load(response)
-            except OSError as exc:
-                sys.stderr.write(f"waiting for {ns.status_url}: {exc}\n")
-            else:
-                lengths = _stream_lengths(client, status)
-                sys.stdout.write(_table(status, lengths, clear=sys.stdout.isatty()))
-                sys.stdout.flush()
-            shown += 1
-            _PAUSE.wait(ns.interval)
-    except KeyboardInterrupt:
-        pass
-    return ExitCode.OK
+    """Redraw /status (and stream lengths) every interval; used by `make run`."""
+    from forwarder import watch
 
-
-def _stream_lengths(client: redis.Redis | None, status: dict[str, Any]) -> dict[str, int | None]:
-    lengths: dict[str, int | None] = {}
-    for sub in status["subscriptions"]:
-        try:
-            lengths[sub["stream"]] = int(client.xlen(sub["stream"])) if client else None
-        except redis.RedisError:
-            lengths[sub["stream"]] = None
-    return lengths
-
-
-def _table(status: dict[str, Any], lengths: dict[str, int | None], clear: bool) -> str:
-    lines = [
-        f"forwarder {status['version']}  up {status['uptime_seconds']:.0f}s  "
-        f"ready={status['ready']}  redis errors={sum(status['redis']['errors'].values())}  "
-        f"spool={status['spool']['pending_messages']}",
-        "",
-        f"{'SOURCE/EVENT':<34} {'STATE':<10} {'RECEIVED':>9} {'FORWARDED':>9} {'STREAM LEN':>10} "
-        f"{'DLQ':>4} {'RECONN':>6} {'LAST MSG':>8}",
-    ]
-    for s in status["subscriptions"]:
-        age = s["last_message_age_seconds"]
-        length = lengths.get(s["stream"])
-        lines.append(
-            f"{s['source'] + '/' + s['event']:<34} {s['state']:<10} {s['received']:>9} "
-            f"{s['forwarded']:>9} {'-' if length is None else length:>10} "
-            f"{sum(s['dead_lettered'].values()):>4} {s['reconnects']:>6} "
-            f"{'-' if age is None else f'{age:.1f}s':>8}"
-        )
-    return ("\x1b[H\x1b[2J" if clear else "") + "\n".join(lines) + "\n\n"
+    return watch.run(ns.status_url, ns.redis_url, ns.interval, ns.count, ns.view)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 from urllib.parse import parse_qsl, urlsplit
 
 from forwarder.errors import ConfigError
-from forwarder.events import ALLOWED_EVENTS, REFUSED_EVENTS, SENT_EVENTS
+from forwarder.events import ALLOWED_EVENTS, REFUSED_EVENTS, SENT_EVENTS, SILENT_EVENTS
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9108"
@@ -153,12 +153,44 @@ class RedisConfig:
     client_key: Path | None = None
 
 
+# Seconds a connected subscription may go without a frame before it counts as "stalled"
+# (metrics, /status, alerts); 0 = never. How quiet an event may be depends on the event: a
+# busy number gets messages.upsert every minute, while qrcode.updated only fires while
+# pairing and call.upsert when someone calls. `[metrics.stall_after]` overrides these.
+DEFAULT_STALL_AFTER: dict[str, float] = {
+    "default": 3600.0,
+    "messages.upsert": 900.0,
+    **dict.fromkeys(
+        (
+            "qrcode.updated",
+            "call.upsert",
+            "connection.update",
+            "groups.upsert",
+            "groups.update",
+            "group-participants.update",
+            *SILENT_EVENTS,
+        ),
+        0.0,
+    ),
+}
+METRICS_DETAILS = ("event", "subscription")
+SOURCE_LABELS = ("auto", "always", "never")
+
+
 @dataclass(frozen=True)
 class MetricsConfig:
     listen: str = DEFAULT_METRICS_LISTEN
     # /readyz policy: Redis answered recently and at least this fraction of subscriptions is
     # connected (1.0 = all of them).
     ready_min_connected: float = 1.0
+    # "event": series per event (and source, see source_label), bounded at fleet scale;
+    # "subscription": every series per (source, event), for small deployments.
+    detail: str = "event"
+    # With detail "event": label counters by source too? "auto": when there are at most
+    # metrics.AUTO_SOURCE_LABEL_MAX sources at start.
+    source_label: str = "auto"
+    # (event or "default", seconds), sorted: see DEFAULT_STALL_AFTER.
+    stall_after: tuple[tuple[str, float], ...] = tuple(sorted(DEFAULT_STALL_AFTER.items()))
 
     @property
     def host(self) -> str:
@@ -235,6 +267,9 @@ class Config:
             "metrics": {
                 "listen": self.metrics.listen,
                 "ready_min_connected": self.metrics.ready_min_connected,
+                "detail": self.metrics.detail,
+                "source_label": self.metrics.source_label,
+                "stall_after": dict(self.metrics.stall_after),
             },
             "spool": {
                 "dir": str(self.spool.dir),
@@ -425,8 +460,30 @@ def _parse_metrics(t: _Table) -> MetricsConfig:
     ratio = t.number("ready_min_connected", 1.0, minimum=0.0)
     if ratio > 1.0:
         raise ConfigError(f"{t.key('ready_min_connected')}: a fraction between 0 and 1")
+    detail = t.string("detail", "event")
+    if detail not in METRICS_DETAILS:
+        raise ConfigError(f"{t.key('detail')}: expected 'event' or 'subscription', got {detail!r}")
+    source_label = t.string("source_label", "auto")
+    if source_label not in SOURCE_LABELS:
+        raise ConfigError(
+            f"{t.key('source_label')}: expected 'auto', 'always' or 'never', got {source_label!r}"
+        )
+    stall = t.table("stall_after")
+    stall_after = dict(DEFAULT_STALL_AFTER)
+    for name in list(stall._data):
+        if name != "default" and name not in ALLOWED_EVENTS:
+            raise ConfigError(
+                f"{stall.key(name)}: not an event name (nor 'default'): the keys are events "
+                "whose stall threshold in seconds you set, 0 for never"
+            )
+        stall_after[name] = stall.number(name, 0.0, minimum=0.0)
+    stall.finish()
     cfg = MetricsConfig(
-        listen=t.string("listen", DEFAULT_METRICS_LISTEN), ready_min_connected=ratio
+        listen=t.string("listen", DEFAULT_METRICS_LISTEN),
+        ready_min_connected=ratio,
+        detail=detail,
+        source_label=source_label,
+        stall_after=tuple(sorted(stall_after.items())),
     )
     t.finish()
     return cfg

@@ -15,7 +15,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from types import FrameType
 from typing import Any
@@ -27,12 +27,13 @@ from forwarder.backoff import AttemptLimiter, ReconnectBackoff
 from forwarder.config import Config, Subscription, redact_url
 from forwarder.errors import ConfigError, ExitCode
 from forwarder.http import HttpServer
-from forwarder.logs import redact
-from forwarder.metrics import ForwarderCollector, build_registry
+from forwarder.metrics import ForwarderCollector, build_registry, source_labelled
 from forwarder.notify import Notifier, format_status
+from forwarder.problems import HealthPolicy, ProblemFinder
 from forwarder.sink import IDLE_PING_SECONDS, RedisWriter, make_client
 from forwarder.spool import DiskSpool, Route
 from forwarder.stats import State, SubscriptionStats, WriterStats
+from forwarder.status import StatusReport
 from forwarder.subscriber import CLOSE_ECHO_TIMEOUT, Connector, Subscriber, websocket_connect
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,29 @@ class Forwarder:
         self.writer = RedisWriter(
             self.client, self.spool, self.stats, self.writer_stats, config.redis, rand
         )
-        collector = ForwarderCollector(lambda: self.stats, self.writer_stats, self.spool)
+        # One judgement of "unhealthy" for /metrics and /status (problems.py).
+        self.problems = ProblemFinder(
+            HealthPolicy(dict(config.metrics.stall_after), started_at=self._started_at)
+        )
+        collector = ForwarderCollector(
+            lambda: self.stats,
+            self.writer_stats,
+            self.spool,
+            self.problems,
+            detail=config.metrics.detail,
+            by_source=source_labelled(config.metrics.source_label, len(config.sources)),
+        )
         self.registry = build_registry(collector)
+        self._status_report = StatusReport(
+            lambda: self.stats,
+            self.spool,
+            self.writer_stats,
+            self.problems,
+            lambda: self.ready()[0],
+            redact_url(config.redis.url),
+            str(config.spool.dir),
+            self._started_at,
+        )
         self.http = HttpServer(
             config.metrics.host,
             config.metrics.port,
@@ -354,72 +376,11 @@ class Forwarder:
             "stopping": self._stopping,
         }
 
-    def status(self) -> dict[str, Any]:
-        now = time.time()
-        mono = time.monotonic()
-        pending, nbytes = self.spool.pending()
-        pending_by_route = list(self.spool.pending_by_route)
-        last_ok = self.writer_stats.last_ok_at
-        ready, _ = self.ready()
-        return {
-            "version": __version__,
-            "uptime_seconds": round(now - self._started_at, 3),
-            "ready": ready,
-            "redis": {
-                "url": redact_url(self.config.redis.url),
-                "last_success_age_seconds": None if last_ok is None else round(mono - last_ok, 3),
-                "last_error": redact(self.writer_stats.last_error or "") or None,
-                "errors": dict(self.writer_stats.errors),
-                "config_error": redact(self.writer_stats.config_error or "") or None,
-            },
-            "spool": {
-                "dir": str(self.config.spool.dir),
-                "pending_messages": pending,
-                "pending_bytes": nbytes,
-                "disk_bytes": self.spool.disk_bytes(),
-                "max_bytes": self.spool.max_bytes,
-                "corrupt_records": self.spool.stats.corrupt_records,
-            },
-            "subscriptions": [
-                {**self._subscription_status(s, now), "spool_pending": pending_by_route[i]}
-                for i, s in enumerate(self.stats)
-            ],
-        }
-
-    @staticmethod
-    def _subscription_status(s: SubscriptionStats, now: float) -> dict[str, Any]:
-        def age(t: float | None) -> float | None:
-            return None if t is None else round(max(0.0, now - t), 3)
-
-        return {
-            "source": s.source,
-            "event": s.event,
-            "stream": s.stream,
-            "state": s.state.value,
-            "connected": s.state is State.CONNECTED,
-            "connected_for_seconds": age(s.connected_since),
-            "received": s.received,
-            "forwarded": s.forwarded,
-            "dropped": s.dropped,
-            "lost": s.lost,
-            "dead_lettered": dict(s.invalid),
-            "reconnects": s.reconnects,
-            "last_message_age_seconds": age(s.last_message_at),
-            "last_close_code": s.last_close_code,
-            "last_handshake_status": s.last_handshake_status,
-            "last_error": redact(s.last_error) if s.last_error else None,
-            "next_attempt_in_seconds": (
-                None if s.next_attempt_at is None else round(max(0.0, s.next_attempt_at - now), 3)
-            ),
-            "close_codes": dict(s.close_codes),
-            "handshake_failures": dict(s.handshake_failures),
-            "resubscribes": dict(s.resubscribes),
-            "displacements": s.displacements,
-            "flapping": s.flapping_until is not None and s.flapping_until > now,
-            "disconnected_seconds": round(s.blind_seconds(now), 3),
-            "token_expires_at": s.token_expires_at,
-            "gaps_recorded": s.gaps_recorded,
-        }
+    def status(
+        self, query: Mapping[str, Sequence[str]] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        """/status: (HTTP status, document); see status.py for the query parameters."""
+        return self._status_report.build(query)
 
 
 def _same(new: Subscription | None, old: Subscription) -> bool:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
+from urllib.parse import parse_qs
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from wsgiref.types import StartResponse, WSGIEnvironment
 
@@ -23,6 +24,8 @@ from forwarder.errors import ConfigError
 log = logging.getLogger(__name__)
 
 Check = Callable[[], tuple[bool, dict[str, Any]]]
+# /status: query parameters -> (HTTP status code, document).
+StatusPage = Callable[[Mapping[str, Sequence[str]]], tuple[int, dict[str, Any]]]
 
 
 class _Server(ThreadingMixIn, WSGIServer):
@@ -45,7 +48,7 @@ class HttpServer:
         registry: CollectorRegistry,
         health: Check,
         ready: Check,
-        status: Callable[[], dict[str, Any]],
+        status: StatusPage,
     ) -> None:
         self._host = host
         self._port = port
@@ -97,7 +100,8 @@ class HttpServer:
         if path == "/readyz":
             return _json(start_response, *self._ready())
         if path == "/status":
-            return _json(start_response, True, self._status())
+            code, doc = self._status(parse_qs(environ.get("QUERY_STRING", "")))
+            return _json(start_response, code == 200, doc, code)
         if path == "/":
             body = b"forwarder: /metrics /healthz /readyz /status\n"
             start_response("200 OK", [("Content-Type", "text/plain")])
@@ -106,9 +110,14 @@ class HttpServer:
         return [b"not found\n"]
 
 
-def _json(start_response: StartResponse, ok: bool, body: dict[str, Any]) -> list[bytes]:
+_REASONS = {200: "200 OK", 400: "400 Bad Request", 503: "503 Service Unavailable"}
+
+
+def _json(
+    start_response: StartResponse, ok: bool, body: dict[str, Any], code: int | None = None
+) -> list[bytes]:
     data = orjson.dumps(body, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
-    status = "200 OK" if ok else "503 Service Unavailable"
+    status = _REASONS[code] if code is not None else "200 OK" if ok else "503 Service Unavailable"
     start_response(
         status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
     )

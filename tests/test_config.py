@@ -130,3 +130,36 @@ def test_redacted_view_hides_every_secret(tmp_path: Path) -> None:
     text = repr(load_config(path, {}).redacted()) + repr(load_config(path, {}))
     assert TOKEN not in text
     assert "hunter2" not in text
+
+
+def test_metrics_detail_source_label_and_stall_thresholds(tmp_path: Path) -> None:
+    """[metrics] detail, source_label and stall_after: defaults, overrides merged per event."""
+    default = load_config(write(tmp_path, SOURCE), {}).metrics
+    assert (default.detail, default.source_label) == ("event", "auto")
+    stall = dict(default.stall_after)
+    assert (stall["default"], stall["messages.upsert"], stall["call.upsert"]) == (3600, 900, 0)
+    body = (
+        '[metrics]\ndetail = "subscription"\nsource_label = "never"\n'
+        '[metrics.stall_after]\ndefault = 600\n"call.upsert" = 7200\n' + SOURCE
+    )
+    metrics = load_config(write(tmp_path, body), {}).metrics
+    assert (metrics.detail, metrics.source_label) == ("subscription", "never")
+    stall = dict(metrics.stall_after)
+    assert (stall["default"], stall["messages.upsert"], stall["call.upsert"]) == (600, 900, 7200)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ('[metrics]\ndetail = "source"\n', "metrics.detail: expected 'event' or 'subscription'"),
+        ("[metrics]\nsource_label = true\n", "metrics.source_label must be a string"),
+        ('[metrics]\nsource_label = "yes"\n', "expected 'auto', 'always' or 'never'"),
+        ('[metrics.stall_after]\n"message.upsert" = 60\n', "metrics.stall_after.message.upsert"),
+        ("[metrics.stall_after]\ndefault = -1\n", "metrics.stall_after.default must be at least"),
+    ],
+)
+def test_bad_metrics_settings_are_refused(tmp_path: Path, body: str, message: str) -> None:
+    """A typo in [metrics] is a ConfigError naming the key, not a silent default."""
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, body + SOURCE), {})
+    assert message in str(info.value)

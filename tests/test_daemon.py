@@ -186,7 +186,8 @@ def test_metrics_and_status_match_what_happened(
         ]
         == 1
     )
-    assert m[("forwarder_connected", up)] == 1
+    # The default detail ("event"): subscriptions counted by state, latency by event only.
+    assert m[("forwarder_subscriptions", (("source", "main"), ("state", "connected")))] == 2
     assert m[("forwarder_messages_received_total", call)] == 0  # initialised at zero
     assert (
         m[
@@ -197,7 +198,7 @@ def test_metrics_and_status_match_what_happened(
         ]
         == 0
     )
-    assert m[("forwarder_forward_latency_seconds_count", up)] == 25
+    assert m[("forwarder_forward_latency_seconds_count", (("event", "messages.upsert"),))] == 25
     assert m[("forwarder_last_message_timestamp_seconds", up)] > 1.7e9
     assert m[("forwarder_build_info", (("version", "0.1.0"),))] == 1
     status = json.loads(get(forwarder, "/status"))

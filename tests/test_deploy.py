@@ -14,19 +14,27 @@ import sys
 import tomllib
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from forwarder.config import load_config
+from forwarder.config import Config, load_config
 from forwarder.daemon import Forwarder
-from forwarder_sim import mint_token
+from forwarder_sim import Simulator, mint_token
 from tests.conftest import SECRET, ConfigFactory
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 RULES = ROOT / "deploy" / "prometheus" / "forwarder-rules.yml"
-RULE_TESTS = ROOT / "deploy" / "prometheus" / "forwarder-rules.test.yml"
+# The rule tests with the series of each [metrics] detail mode.
+RULE_TESTS = {
+    "event": ROOT / "deploy" / "prometheus" / "forwarder-rules.test.yml",
+    "subscription": ROOT / "deploy" / "prometheus" / "forwarder-rules.subscription.test.yml",
+}
+DETAILS = tuple(RULE_TESTS)
 DASHBOARD = ROOT / "deploy" / "grafana" / "forwarder-dashboard.json"
 UNIT = ROOT / "systemd" / "forwarder.service"
 EXAMPLE_CONFIG = ROOT / "deploy" / "forwarder.toml"
@@ -34,9 +42,10 @@ EXAMPLE_CONFIG = ROOT / "deploy" / "forwarder.toml"
 VENV_FORWARDER = Path(sys.executable).parent / "forwarder"
 MAX_EXPOSURE = 2.0
 
-# Metrics the rules or the dashboard use before forwarder exports them. Each entry must be
-# referenced and not yet exported (test_planned_metrics_are_still_planned), so the list
-# shrinks as the work lands. Empty: everything referenced is exported today.
+# Metrics the rules, their tests or the dashboard use before forwarder exports them (name ->
+# why). The entries must be exactly the referenced metrics that are not exported
+# (test_planned_metrics_are_still_planned), so the list shrinks as the work lands. Empty:
+# everything referenced is exported today.
 PLANNED_METRICS: dict[str, str] = {}
 # Prometheus' own series, not forwarder's.
 PROMETHEUS_METRICS = {"up"}
@@ -80,23 +89,30 @@ def test_alert_rules_pass_promtool_check() -> None:
     assert "SUCCESS" in out
 
 
-def test_alert_rule_unit_tests_pass() -> None:
-    """`promtool test rules` passes: each alert fires and stays quiet when it should."""
+@pytest.mark.parametrize("detail", DETAILS)
+def test_alert_rule_unit_tests_pass(detail: str) -> None:
+    """`promtool test rules` passes in both detail modes: each alert fires and stays quiet
+    when it should."""
     promtool = tool("promtool", "prometheus")
-    code, out = run([promtool, "test", "rules", RULE_TESTS.name], cwd=RULE_TESTS.parent)
+    tests = RULE_TESTS[detail]
+    code, out = run([promtool, "test", "rules", tests.name], cwd=tests.parent)
     assert code == 0, out
     assert "SUCCESS" in out
 
 
-def test_every_alert_is_tested_firing_and_not_firing() -> None:
-    """Each alert has a rule-test case that expects it and one that expects nothing."""
+@pytest.mark.parametrize("detail", DETAILS)
+def test_every_alert_is_tested_firing_and_not_firing(detail: str) -> None:
+    """In each mode's rule tests, each alert has a case that expects it and one that
+    expects nothing."""
     alerts = re.findall(r"^\s*- alert: (\w+)\s*$", RULES.read_text(), re.MULTILINE)
     assert len(alerts) == len(set(alerts)) >= 10
     fires: set[str] = set()
     quiet: set[str] = set()
     # A case runs from "- alertname: X" to the next case or test; it expects alerts
     # exactly when it has an exp_alerts list.
-    cases = re.split(r"^\s*- (?=alertname:|name:)", RULE_TESTS.read_text(), flags=re.MULTILINE)
+    cases = re.split(
+        r"^\s*- (?=alertname:|name:)", RULE_TESTS[detail].read_text(), flags=re.MULTILINE
+    )
     for case in cases:
         match = re.match(r"alertname: (\w+)", case)
         if match:
@@ -165,7 +181,9 @@ def test_dashboard_is_importable_with_datasource_and_filters() -> None:
     wanted = [
         "forwarder_messages_received_total",
         "forwarder_messages_forwarded_total",
-        "forwarder_connected",
+        "forwarder_subscriptions",
+        "forwarder_subscription_problem{",
+        "forwarder_subscription_problems",
         "forwarder_close_codes_total",
         "forwarder_reconnects_total",
         "forwarder_handshake_failures_total",
@@ -206,40 +224,81 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     assert code == 0, out
 
 
-# -- metric names -----------------------------------------------------------------------------
+# -- metric names and label sets, in both detail modes ---------------------------------------
+
+ALERT_NAMES = re.findall(r"^\s*- alert: (\w+)\s*$", RULES.read_text(), re.MULTILINE)
 
 
-@pytest.fixture
-def exported_metrics(
-    make_config: ConfigFactory, run_forwarder: Callable[..., Forwarder]
-) -> set[str]:
-    """Every metric and sample name a running Forwarder exposes on /metrics."""
-    forwarder = run_forwarder(make_config({"main": ["messages.upsert", "call.upsert"]}))
+@dataclass
+class Scrape:
+    """What a running Forwarder exposes on /metrics in one detail mode."""
+
+    detail: str
+    text: str
+    # Sample (or declared family) name -> the label names of its samples, sorted.
+    labels: dict[str, set[tuple[str, ...]]]
+
+
+def _with_metrics(config: Config, **settings: str) -> Config:
+    """The same configuration file with more [metrics] keys."""
+    assert config.path is not None
+    text = config.path.read_text()
+    keys = "".join(f'{key} = "{value}"\n' for key, value in settings.items())
+    config.path.write_text(
+        text.replace('listen = "127.0.0.1:0"\n', f'listen = "127.0.0.1:0"\n{keys}')
+    )
+    return load_config(config.path, {})
+
+
+@pytest.fixture(params=DETAILS)
+def scrape(
+    request: pytest.FixtureRequest,
+    make_config: ConfigFactory,
+    run_forwarder: Callable[..., Forwarder],
+    simulator: Simulator,
+    tmp_path: Path,
+) -> Scrape:
+    """/metrics of a Forwarder with one healthy, one rejected (401) and one stalled
+    subscription, in each detail mode; "event" without source labels, as at fleet scale."""
+    detail: str = request.param
+    simulator.reject(count=-1, event="call.upsert")
+    config = make_config(
+        {"main": ["messages.upsert", "call.upsert", "chats.update"]},
+        extra='[metrics.stall_after]\n"chats.update" = 1\n',
+    )
+    # A token with an exp claim (30 days: no alert), so that its gauge has a sample.
+    (tmp_path / "main.token").write_text(mint_token("main", SECRET, expires_in=30 * 86400))
+    settings = {"detail": detail} if detail == "subscription" else {"source_label": "never"}
+    forwarder = run_forwarder(_with_metrics(config, **settings))
+    wait_for(lambda: forwarder.stats[0].state.value == "connected", what="connected")
+    simulator.send("main", "messages.upsert", 3)
+    wait_for(lambda: forwarder.stats[0].forwarded == 3, what="frames forwarded")
+    wait_for(lambda: forwarder.stats[1].last_handshake_status == "401", what="401 seen")
+    wait_for(lambda: forwarder.status({"state": ["stalled"]})[1]["subscriptions"], what="stalled")
     url = f"http://127.0.0.1:{forwarder.http.port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    names: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith("# TYPE "):
-            # Families with no sample yet (e.g. a token without exp) still declare a type.
-            _, _, name, kind = line.split()
-            if kind == "counter":
-                names.add(name if name.endswith("_total") else name + "_total")
-            elif kind == "histogram":
-                names.update(name + s for s in ("_bucket", "_sum", "_count"))
-            else:
-                names.add(name)
-        elif line and not line.startswith("#"):
-            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
-    return names
+    labels: dict[str, set[tuple[str, ...]]] = {}
+    for family in text_string_to_metric_families(text):
+        # Families with no sample yet (e.g. a token without exp) still declare a type.
+        names = {family.name + "_total"} if family.type == "counter" else {family.name}
+        if family.type == "histogram":
+            names = {family.name + s for s in ("_bucket", "_sum", "_count")}
+        for name in names:
+            labels.setdefault(name, set())
+        for sample in family.samples:
+            labels.setdefault(sample.name, set()).add(tuple(sorted(sample.labels)))
+    return Scrape(detail, text, labels)
 
 
-def _referenced_metrics() -> dict[str, set[str]]:
-    """{metric name: files that use it} for the rules, their tests and the dashboard."""
+def _referenced_metrics(detail: str) -> dict[str, set[str]]:
+    """{metric name: files that use it} for the rules, the detail's rule tests and the
+    dashboard."""
     found: dict[str, set[str]] = {}
+    tests = RULE_TESTS[detail]
     sources = {
         RULES.name: _without_comments(RULES.read_text()),
-        RULE_TESTS.name: _without_comments(RULE_TESTS.read_text()),
+        tests.name: _without_comments(tests.read_text()),
         DASHBOARD.name: " ".join(_dashboard_queries(_dashboard())),
     }
     for where, text in sources.items():
@@ -254,28 +313,101 @@ def _without_comments(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
-def test_rules_and_dashboard_only_use_exported_metrics(exported_metrics: set[str]) -> None:
-    """No alert or panel reads a metric forwarder does not export (a typo would stay silent)."""
-    referenced = _referenced_metrics()
-    assert "forwarder_connected" in exported_metrics  # the scrape worked
+def test_rules_and_dashboard_only_use_exported_metrics(scrape: Scrape) -> None:
+    """No alert, rule test or panel reads a metric this mode does not export (a typo, or a
+    series only the other mode has, would stay silent)."""
+    referenced = _referenced_metrics(scrape.detail)
+    assert "forwarder_subscriptions" in scrape.labels  # the scrape worked
     unknown = {
         name: sorted(where)
         for name, where in referenced.items()
-        if name not in exported_metrics
+        if name not in scrape.labels
         and name not in PLANNED_METRICS
         and name not in PROMETHEUS_METRICS
     }
     assert unknown == {}
 
 
-def test_planned_metrics_are_still_planned(exported_metrics: set[str]) -> None:
-    """PLANNED_METRICS only lists metrics that are referenced and not exported yet."""
-    referenced = _referenced_metrics()
-    for name in PLANNED_METRICS:
-        assert name in referenced, f"{name} is no longer used: remove it from PLANNED_METRICS"
-        assert name not in exported_metrics, (
-            f"{name} is exported now: remove it from PLANNED_METRICS in tests/test_deploy.py"
+def test_planned_metrics_are_still_planned(scrape: Scrape) -> None:
+    """PLANNED_METRICS is exactly what is referenced and not exported yet: a planned metric
+    that now exists, or is no longer used, must leave the list; a new one must join it."""
+    missing = set(_referenced_metrics(scrape.detail)) - set(scrape.labels) - PROMETHEUS_METRICS
+    assert missing == set(PLANNED_METRICS), (
+        "update PLANNED_METRICS in tests/test_deploy.py: "
+        f"referenced but not exported {sorted(missing)}, listed {sorted(PLANNED_METRICS)}"
+    )
+
+
+def test_rule_tests_use_the_label_sets_each_mode_exports(scrape: Scrape) -> None:
+    """Each input series of a mode's rule tests has labels that mode's series really carry
+    (plus job and instance): an alert tested on imagined labels proves nothing."""
+    text = RULE_TESTS[scrape.detail].read_text()
+    series = re.findall(r"series: '([a-z_:]+)\{([^}]*)\}'", text)
+    assert len(series) > 20
+    for name, body in series:
+        if name in PROMETHEUS_METRICS or name == "process_start_time_seconds":
+            continue
+        keys = tuple(
+            sorted(
+                {k.strip() for k, _, _ in (p.partition("=") for p in body.split(","))}
+                - {"job", "instance"}
+            )
         )
+        assert keys in scrape.labels.get(name, set()), (
+            f"{name}{{{body}}}: {scrape.detail} exports {sorted(scrape.labels.get(name, ()))}"
+        )
+
+
+def test_alerts_fire_on_what_a_running_forwarder_exports(scrape: Scrape, tmp_path: Path) -> None:
+    """promtool over a real scrape, held for 10 minutes: in both modes exactly the alerts
+    for the rejected and the stalled subscription fire, naming source and event."""
+    promtool = tool("promtool", "prometheus")
+    lines = [
+        f"rule_files: [{json.dumps(str(RULES))}]",
+        "evaluation_interval: 1m",
+        "tests:",
+        "  - interval: 1m",
+        "    input_series:",
+    ]
+    for family in text_string_to_metric_families(scrape.text):
+        for sample in family.samples:
+            labels = {"job": "forwarder", "instance": "fw1:9108", **sample.labels}
+            body = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(labels.items()))
+            lines += [
+                f"      - series: {json.dumps(sample.name + '{' + body + '}')}",
+                f'        values: "{sample.value!r}x10"',
+            ]
+    firing = [
+        ("ForwarderHandshakeAuthFailures", "critical", "call.upsert", "auth"),
+        ("ForwarderSubscriptionDown", "critical", "call.upsert", "down"),
+        ("ForwarderSubscriptionStalled", "warning", "chats.update", "stalled"),
+    ]
+    lines += [
+        "    promql_expr_test:",
+        '      - expr: ALERTS{alertstate="firing"}',
+        "        eval_time: 5m",
+        "        exp_samples:",
+    ]
+    for alert, severity, event, problem in firing:
+        labels = {
+            "alertname": alert,
+            "alertstate": "firing",
+            "severity": severity,
+            "job": "forwarder",
+            "instance": "fw1:9108",
+            "source": "main",
+            "event": event,
+            "problem": problem,
+        }
+        body = ", ".join(f"{k}={json.dumps(v)}" for k, v in labels.items())
+        lines += [
+            f"          - labels: {json.dumps('ALERTS{' + body + '}')}",
+            "            value: 1",
+        ]
+    tests = tmp_path / "scrape.test.yml"
+    tests.write_text("\n".join(lines) + "\n")
+    code, out = run([promtool, "test", "rules", str(tests)])
+    assert code == 0, out
 
 
 # -- systemd unit -----------------------------------------------------------------------------
