@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -201,6 +202,8 @@ class DiscoveryPoller:
         self._wake = threading.Event()  # reconfigure(): look at the schedule again
         self._thread = threading.Thread(target=self._run, name="discovery", daemon=True)
         self.failed: BaseException | None = None  # set if the thread died of a bug
+        # Polls finished, reconciliation included (written by whichever thread polled).
+        self.completed = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -229,6 +232,12 @@ class DiscoveryPoller:
                 for table, rules in self._rules.items()
                 for name in rules.instances
             ]
+
+    def instances(self, table: str) -> list[Instance]:
+        """The current instances of one table, in listing order."""
+        with self._lock:
+            rules = self._rules.get(table)
+            return list(rules.instances.values()) if rules is not None else []
 
     def never_listed(self) -> list[str]:
         """Tables that have not had one believed listing yet (for /readyz)."""
@@ -284,7 +293,7 @@ class DiscoveryPoller:
         self._wake.set()
         return changed
 
-    def status(self) -> list[dict[str, object]]:
+    def status(self) -> list[dict[str, Any]]:
         """The /status section: per table, its health and what it is waiting for."""
         now = self._wall()
         with self._lock:
@@ -340,7 +349,18 @@ class DiscoveryPoller:
             log.exception("the discovery thread crashed")
 
     def poll(self, table: str) -> PollResult:
-        """Poll one table now (poller thread, or a test driving it without the thread)."""
+        """Poll one table now (poller thread, or a test driving it without the thread).
+
+        Blocks for the request (up to request_timeout) and, when instances were added or
+        removed, for `on_change` (the reconciliation).
+        """
+        try:
+            return self._poll(table)
+        finally:
+            with self._lock:
+                self.completed += 1
+
+    def _poll(self, table: str) -> PollResult:
         with self._lock:
             rules = self._rules.get(table)
             if rules is None:

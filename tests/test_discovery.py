@@ -18,6 +18,7 @@ import trustme
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 
+from forwarder.cli import main as cli_main
 from forwarder.config import (
     DiscoveryConfig,
     KeyRef,
@@ -31,7 +32,7 @@ from forwarder.discovery import (
     DiscoveryPoller,
     DiscoveryRules,
 )
-from forwarder.errors import ConfigError, DiscoveryError
+from forwarder.errors import ConfigError, DiscoveryError, ExitCode
 from forwarder.events import SENT_EVENTS
 from forwarder.listing import ERROR_KINDS, Listing, fetch_listing, parse_listing
 from forwarder_sim import Simulator, mint_token
@@ -666,6 +667,99 @@ def test_redacted_config_shows_discovery_without_the_key(tmp_path: Path) -> None
     assert d["ws_url"] == "ws://10.0.0.5:8084/ws/events"
     assert d["events"] == list(SENT_EVENTS)
     assert API_KEY not in json.dumps(doc)
+
+
+# --------------------------------------------------------------------------- forwarder discover
+
+
+def discover_config(tmp_path: Path, sim: Simulator, static: str = "") -> Path:
+    (tmp_path / "key").write_text(API_KEY)
+    path = tmp_path / "discover.toml"
+    path.write_text(
+        f"""
+[[discovery]]
+name = "main"
+api_url = "http://127.0.0.1:{sim.port}"
+api_key_file = "{tmp_path / "key"}"
+events = ["messages.upsert", "call.upsert"]
+"""
+        + static
+    )
+    return path
+
+
+def run_discover(path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = cli_main(["discover", "--config", str(path), "--json"])
+    return code, capsys.readouterr().out
+
+
+def test_discover_prints_what_would_be_subscribed_without_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Names, status, event count and token expiry from one listing; no WebSocket opened."""
+    with Simulator(SECRET, api_key=API_KEY) as sim:
+        sim.create_instance("acme")
+        sim.create_instance("beta", expires_in=3600, status="OFFLINE")
+        code, out = run_discover(discover_config(tmp_path, sim), capsys)
+        assert sim.stats()["connections_total"] == 0
+    assert code == 0
+    (doc,) = json.loads(out)
+    assert doc["error"] is None
+    by_name = {i["name"]: i for i in doc["instances"]}
+    assert by_name["acme"] == {
+        "name": "acme",
+        "connection_status": "ONLINE",
+        "events": 2,
+        "token_expires_at": None,
+    }
+    assert by_name["beta"]["connection_status"] == "OFFLINE"
+    assert abs(by_name["beta"]["token_expires_at"] - (time.time() + 3600)) < 60
+    assert API_KEY not in out
+    code = cli_main(["discover", "--config", str(discover_config(tmp_path, sim))])
+    assert code != 0  # the simulator is stopped now
+    text = capsys.readouterr().out
+    assert "listing failed: connection" in text
+
+
+def test_discover_exit_codes_say_what_is_wrong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A refused key or a name clash: CONFIG (2); a failing server: FAILURE (1)."""
+    with Simulator(SECRET, api_key="another-key", instances=["acme"]) as sim:
+        code, out = run_discover(discover_config(tmp_path, sim), capsys)
+        assert code == ExitCode.CONFIG
+        assert json.loads(out)[0]["error"].startswith("unauthorized: ")
+    with Simulator(SECRET, api_key=API_KEY, instances=["acme", "beta"]) as sim:
+        sim.api_fault("status", status=500)
+        code, out = run_discover(discover_config(tmp_path, sim), capsys)
+        assert code == ExitCode.FAILURE
+        token = tmp_path / "token"
+        token.write_text(mint_token("acme", SECRET))
+        static = f"""
+[[sources]]
+name = "acme"
+url = "{sim.url}"
+token_file = "{token}"
+"""
+        code, out = run_discover(discover_config(tmp_path, sim, static), capsys)
+        assert code == ExitCode.CONFIG
+        (doc,) = json.loads(out)
+        assert "name clash" in doc["refused"]["acme"]
+        assert [(i["name"], i["events"]) for i in doc["instances"]] == [("acme", 0), ("beta", 2)]
+
+
+def test_discover_without_a_discovery_table_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only [[sources]]: exit 2 with a message, no traceback."""
+    token = tmp_path / "token"
+    token.write_text(mint_token("a", SECRET))
+    path = tmp_path / "f.toml"
+    path.write_text(
+        f'[[sources]]\nname = "a"\nurl = "ws://127.0.0.1:9/ws/events"\ntoken_file = "{token}"\n'
+    )
+    assert cli_main(["discover", "--config", str(path)]) == ExitCode.CONFIG
+    assert "no [[discovery]] table" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- alert rules
