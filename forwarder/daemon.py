@@ -283,10 +283,12 @@ class Forwarder:
             subscriber.start()
         self.discovery.start()  # the first poll at once: instances subscribe within it
         log.info(
-            "forwarder %s started: %d subscriptions from %d sources to %s; metrics on http://%s:%d",
+            "forwarder %s started: %d subscriptions from %d sources and %d discovery tables to "
+            "%s; metrics on http://%s:%d",
             __version__,
             len(self.subscribers),
             len(self.config.sources),
+            len(self.config.discovery),
             redact_url(self.config.redis.url),
             self.config.metrics.host,
             self.http.port,

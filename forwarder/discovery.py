@@ -440,16 +440,17 @@ class DiscoveryPoller:
             elif result.believed:
                 log.warning("discovery %s: %s again: believed", table, result.suspicious)
         if result.added or result.removed:
+            parts = []
+            if result.added:
+                names = _names([i.name for i in result.added])
+                parts.append(f"subscribing to {len(result.added)} new ({names})")
+            if result.removed:
+                parts.append(
+                    f"stopping {len(result.removed)} missing from {ABSENCES_BEFORE_REMOVAL} "
+                    f"consecutive listings ({_names(result.removed)})"
+                )
             log.info(
-                "discovery %s: %d instances listed; subscribing to %d new (%s), stopping %d "
-                "gone from %d consecutive listings (%s)",
-                table,
-                len(rules.instances),
-                len(result.added),
-                _names([i.name for i in result.added]),
-                len(result.removed),
-                ABSENCES_BEFORE_REMOVAL,
-                _names(result.removed),
+                "discovery %s: %d instances; %s", table, len(rules.instances), ", ".join(parts)
             )
         if result.rotated:
             log.info(
