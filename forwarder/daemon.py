@@ -240,6 +240,9 @@ class Forwarder:
         running = {s.subscription.key: s for s in self.subscribers}
         steps = plan({k: s.subscription for k, s in running.items()}, wanted)
         leaving = [running[k] for k in steps.stop]
+        # Out of the list first: /healthz and the watchdog must not take a subscriber that is
+        # stopping on purpose for a dead thread.
+        self.subscribers = [running[k] for k in steps.keep]
         for subscriber in leaving:
             subscriber.stop()
         grace = time.monotonic() + CLOSE_ECHO_TIMEOUT
@@ -263,7 +266,7 @@ class Forwarder:
             subscriber = self._subscriber(index, sub)
             subscriber.start()
             started.append(subscriber)
-        self.subscribers = [running[k] for k in steps.keep] + started
+        self.subscribers = self.subscribers + started
         if steps.gone or started:
             log.info(
                 "subscriptions: %d started, %d stopped, %d kept (%d sources)",
