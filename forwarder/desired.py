@@ -137,6 +137,8 @@ def same_connection(new: Subscription | None, old: Subscription) -> bool:
     """
     if new is None:
         return False
+    if new == old:  # the common case, without building copies (a poll may compare 10,000)
+        return True
     return replace(new, source=replace(new.source, events=())) == replace(
         old, source=replace(old.source, events=())
     )
