@@ -35,7 +35,8 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from forwarder.config import DiscoveryConfig, Secret, TokenCell, redact_url
+from forwarder.config import Secret, TokenCell, redact_url
+from forwarder.discovery_config import DiscoveryConfig
 from forwarder.errors import ConfigError, DiscoveryError
 from forwarder.listing import ERROR_KINDS, Instance, Listing, fetch_listing, parse_listing
 

@@ -21,7 +21,8 @@ from typing import Any
 
 import orjson
 
-from forwarder.config import DiscoveryConfig, Secret
+from forwarder.config import Secret
+from forwarder.discovery_config import DiscoveryConfig
 from forwarder.errors import DiscoveryError
 
 # Bounded `kind` label values of forwarder_discovery_errors_total (see README, Discovery).

@@ -9,8 +9,6 @@ import orjson
 
 from forwarder.config import (
     Config,
-    DiscoveryConfig,
-    KeyRef,
     RedisConfig,
     Secret,
     SourceConfig,
@@ -26,6 +24,7 @@ from forwarder.desired import (
     same_connection,
 )
 from forwarder.discovery import Discovered
+from forwarder.discovery_config import DiscoveryConfig, KeyRef
 from forwarder.events import SENT_EVENTS
 from forwarder.spool import GAP
 from forwarder_sim import mint_token

@@ -20,8 +20,6 @@ from prometheus_client.exposition import generate_latest
 
 from forwarder.cli import main as cli_main
 from forwarder.config import (
-    DiscoveryConfig,
-    KeyRef,
     Secret,
     load_config,
 )
@@ -32,6 +30,7 @@ from forwarder.discovery import (
     DiscoveryPoller,
     DiscoveryRules,
 )
+from forwarder.discovery_config import DiscoveryConfig, KeyRef
 from forwarder.errors import ConfigError, DiscoveryError, ExitCode
 from forwarder.events import SENT_EVENTS
 from forwarder.listing import ERROR_KINDS, Listing, fetch_listing, parse_listing
