@@ -16,11 +16,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 from urllib.parse import parse_qsl, urlsplit
 
 from forwarder.errors import ConfigError
 from forwarder.events import ALLOWED_EVENTS, REFUSED_EVENTS, SENT_EVENTS, SILENT_EVENTS
+
+if TYPE_CHECKING:
+    from forwarder.discovery_config import DiscoveryConfig
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9108"
@@ -57,20 +60,47 @@ class Secret:
         return hash(self._value)
 
 
+class TokenCell:
+    """The current token of a discovered instance, replaced when a listing shows a new one.
+
+    Thread-safe: `set` and `get` swap and read one reference. Compares by identity, so a
+    subscription whose token changed is still the same subscription (no reconnect): the new
+    token is read at its next connection attempt.
+    """
+
+    __slots__ = ("_token",)
+
+    def __init__(self, token: Secret) -> None:
+        self._token = token
+
+    def get(self) -> Secret:
+        return self._token
+
+    def set(self, token: Secret) -> None:
+        self._token = token
+
+    def __repr__(self) -> str:
+        return "TokenCell('***')"
+
+
 @dataclass(frozen=True)
 class TokenRef:
     """Where a source's token comes from.
 
     A file is read again before every connection attempt, so a rotated token (or a systemd
-    credential) is picked up without a restart; an environment value is captured at load.
+    credential) is picked up without a restart; an environment value is captured at load; a
+    discovered instance's token lives in a `TokenCell` that each poll may update.
     """
 
     file: Path | None = None
     value: Secret | None = None
     origin: str = ""  # for messages: "token_file /etc/…" or "token_env X"; never the value
+    cell: TokenCell | None = None
 
     def read(self) -> Secret:
         """Return the current token; raises ConfigError (without the token) when unusable."""
+        if self.cell is not None:
+            return self.cell.get()
         if self.value is not None:
             return self.value
         assert self.file is not None
@@ -237,6 +267,7 @@ class Config:
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
     path: Path | None = None
+    discovery: tuple[DiscoveryConfig, ...] = ()
 
     def subscriptions(self) -> list[Subscription]:
         subs = []
@@ -300,6 +331,7 @@ class Config:
                 }
                 for s in self.sources
             ],
+            "discovery": [d.redacted() for d in self.discovery],
             "subscriptions": [
                 {"source": sub.source.name, "event": sub.event, "stream": sub.stream}
                 for sub in self.subscriptions()
@@ -371,6 +403,9 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     metrics_cfg = _parse_metrics(reader.table("metrics"))
     spool_cfg = _parse_spool(reader.table("spool"), environ)
     sources = [_parse_source(t, environ) for t in reader.tables("sources")]
+    from forwarder.discovery_config import parse_discovery  # it imports this module
+
+    discovery = [parse_discovery(t, environ) for t in reader.tables("discovery")]
     shutdown_timeout = reader.number("shutdown_timeout", 10.0, minimum=0.1)
     log_level = reader.string("log_level", "INFO").upper()
     reader.finish()
@@ -391,10 +426,11 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     elif ("FORWARDER_TOKEN" in environ or "FORWARDER_EVENTS" in environ) and not sources:
         raise ConfigError("FORWARDER_TOKEN/FORWARDER_EVENTS are set but FORWARDER_URL is not")
 
-    if not sources:
+    if not sources and not discovery:
         raise ConfigError(
-            "no sources configured: pass --config FILE (or FORWARDER_CONFIG) with [[sources]], "
-            "or set FORWARDER_URL, FORWARDER_TOKEN and optionally FORWARDER_EVENTS"
+            "no sources configured: pass --config FILE (or FORWARDER_CONFIG) with [[sources]] "
+            "or [[discovery]], or set FORWARDER_URL, FORWARDER_TOKEN and optionally "
+            "FORWARDER_EVENTS"
         )
     _check_redis_url(redis_cfg.url)
     _check_redis_tls(redis_cfg)
@@ -410,6 +446,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
         shutdown_timeout=shutdown_timeout,
         log_level=log_level,
         path=file_path,
+        discovery=tuple(discovery),
     )
     _check_unique(config)
     return config
@@ -713,17 +750,60 @@ def _check_unique(config: Config) -> None:
     for name in names:
         if names.count(name) > 1:
             raise ConfigError(f"sources: the name {name!r} is used twice")
-    owner: dict[str, str] = {config.redis.gap_stream: "gap stream (redis.gap_stream)"}
-    for sub in config.subscriptions():
-        for key, what in ((sub.stream, "stream"), (sub.dead_letter_stream, "dead-letter stream")):
-            label = f"{what} of source {sub.source.name!r} event {sub.event!r}"
-            if key in owner:
-                raise ConfigError(
-                    f"stream key {key!r} is the {label} and also the {owner[key]}: "
-                    "give the sources different stream templates, e.g. stream = "
-                    '"{source}:{event}"'
+    tables = [d.name for d in config.discovery]
+    for name in tables:
+        if tables.count(name) > 1:
+            raise ConfigError(
+                f"discovery: the name {name!r} is used twice: give each [[discovery]] a name"
+            )
+    problem = stream_role_conflict(config.subscriptions(), config.redis.gap_stream)
+    if problem is not None:
+        raise ConfigError(problem)
+
+
+def stream_role_conflict(subscriptions: list[Subscription], gap_stream: str) -> str | None:
+    """Why these subscriptions' stream keys cannot coexist, or None (see `StreamRoles`)."""
+    return StreamRoles(gap_stream).conflict(subscriptions)
+
+
+class StreamRoles:
+    """The role (data, dead-letter, gap) of every stream key in use.
+
+    Fan-in is allowed: several subscriptions may share a data stream (entries carry `source`
+    and `event`), and their dead-letter streams may coincide too. What is refused is one key
+    in two roles: data and dead letters (or gaps) mixed in one stream would break every
+    consumer's parsing.
+    """
+
+    def __init__(self, gap_stream: str) -> None:
+        self._roles: dict[str, tuple[str, str]] = {
+            gap_stream: ("gap", "the gap stream (redis.gap_stream)")
+        }
+
+    def conflict(self, subscriptions: list[Subscription]) -> str | None:
+        """Why these (new) subscriptions cannot join the keys in use, or None; changes nothing."""
+        added: dict[str, tuple[str, str]] = {}
+        for sub in subscriptions:
+            for key, role in ((sub.stream, "data"), (sub.dead_letter_stream, "dead-letter")):
+                label = f"{role} stream of source {sub.source.name!r} event {sub.event!r}"
+                seen = added.get(key) or self._roles.get(key)
+                if seen is None:
+                    added[key] = (role, label)
+                elif seen[0] != role:
+                    return (
+                        f"stream key {key!r} is the {label} and also the {seen[1]}: a stream "
+                        "holds one kind of entry; change the stream template or "
+                        "redis.dead_letter_stream"
+                    )
+        return None
+
+    def add(self, subscriptions: list[Subscription]) -> None:
+        """Record these subscriptions' keys (after `conflict` said None)."""
+        for sub in subscriptions:
+            for key, role in ((sub.stream, "data"), (sub.dead_letter_stream, "dead-letter")):
+                self._roles.setdefault(
+                    key, (role, f"{role} stream of source {sub.source.name!r} event {sub.event!r}")
                 )
-            owner[key] = label
 
 
 class _Table:

@@ -2,6 +2,7 @@
 
 Threads and their owner (this object):
     sub:SOURCE/EVENT  one per subscription (subscriber.Subscriber)
+    discovery         polls [[discovery]] listings (discovery.DiscoveryPoller)
     redis-writer      drains the spool into Redis (sink.RedisWriter)
     http              /metrics /healthz /readyz /status (http.HttpServer)
 The main thread only waits on `stop_event` and watches the others.
@@ -25,13 +26,16 @@ import redis
 from forwarder import __version__
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
 from forwarder.config import Config, Subscription, redact_url
+from forwarder.desired import desired, plan, removed_gap
+from forwarder.discovery import DiscoveryCollector, DiscoveryPoller, Fetcher
 from forwarder.errors import ConfigError, ExitCode
 from forwarder.http import HttpServer
+from forwarder.listing import fetch_listing
 from forwarder.metrics import ForwarderCollector, build_registry, source_labelled
 from forwarder.notify import Notifier, format_status
 from forwarder.problems import HealthPolicy, ProblemFinder
 from forwarder.sink import IDLE_PING_SECONDS, RedisWriter, make_client
-from forwarder.spool import DiskSpool, Route
+from forwarder.spool import DiskSpool, Route, entry_size
 from forwarder.stats import State, SubscriptionStats, WriterStats
 from forwarder.status import StatusReport
 from forwarder.subscriber import CLOSE_ECHO_TIMEOUT, Connector, Subscriber, websocket_connect
@@ -66,6 +70,7 @@ class Forwarder:
         notifier: Notifier | None = None,
         watchdog_every: float | None = None,
         reload: Callable[[], Config] | None = None,
+        fetch: Fetcher | None = None,
     ) -> None:
         self.config = config
         self._load = reload  # re-reads the configuration on SIGHUP; None: reload unsupported
@@ -116,6 +121,13 @@ class Forwarder:
             by_source=source_labelled(config.metrics.source_label, len(config.sources)),
         )
         self.registry = build_registry(collector)
+        # Discovery feeds the desired set: every poll that changes the instances reconciles
+        # (on the poller thread) through the same path as a reload, under _apply_lock.
+        self._apply_lock = threading.Lock()
+        self.discovery = DiscoveryPoller(
+            config.discovery, self._discovery_changed, fetch or fetch_listing
+        )
+        self.registry.register(DiscoveryCollector(self.discovery))
         self._status_report = StatusReport(
             lambda: self.stats,
             self.spool,
@@ -125,6 +137,7 @@ class Forwarder:
             redact_url(config.redis.url),
             str(config.spool.dir),
             self._started_at,
+            sections={"discovery": self.discovery.status},
         )
         self.http = HttpServer(
             config.metrics.host,
@@ -215,11 +228,44 @@ class Forwarder:
             if getattr(old, name) != getattr(new, name):
                 log.warning("reload: [%s] changed; that takes effect after a restart", name)
         logging.getLogger().setLevel(new.log_level)
+        with self._apply_lock:
+            self.discovery.reconfigure(new.discovery)
+            kept, started, stopped = self._apply(new, "removed from the configuration by a reload")
+            self.config = replace(new, redis=old.redis, metrics=old.metrics, spool=old.spool)
+        log.info(
+            "reloaded %s: %d subscriptions kept, %d started, %d stopped",
+            new.path or "the configuration",
+            kept,
+            started,
+            stopped,
+        )
+        self.notifier.ready()
+        return True
+
+    def _discovery_changed(self) -> None:
+        """Discovery added or removed instances (poller thread): reconcile."""
+        with self._apply_lock:
+            if self._stopping:
+                return
+            self._apply(self.config, "instance no longer listed by discovery")
+
+    def _apply(self, config: Config, why_removed: str) -> tuple[int, int, int]:
+        """Reconcile the running subscribers with the desired set; under _apply_lock.
+
+        Returns (kept, started, stopped). Stops what leaves (or changes) first, politely,
+        so the upstream slots are free; a subscription that leaves for good gets a last gap
+        record with cause `removed`. Replaces `self.subscribers` (a new list: other threads
+        iterate it).
+        """
+        result = desired(config, self.discovery.discovered())
+        self.discovery.refused(result.refused)
+        wanted = result.subscriptions
         running = {s.subscription.key: s for s in self.subscribers}
-        wanted = {sub.key: sub for sub in new.subscriptions()}
-        leaving = [s for key, s in running.items() if not _same(wanted.get(key), s.subscription)]
-        kept = [s for key, s in running.items() if _same(wanted.get(key), s.subscription)]
-        # Stop what leaves (or changes) first, politely, so the upstream slots are free.
+        steps = plan({k: s.subscription for k, s in running.items()}, wanted)
+        leaving = [running[k] for k in steps.stop]
+        # Out of the list first: /healthz and the watchdog must not take a subscriber that is
+        # stopping on purpose for a dead thread.
+        self.subscribers = [running[k] for k in steps.keep]
         for subscriber in leaving:
             subscriber.stop()
         grace = time.monotonic() + CLOSE_ECHO_TIMEOUT
@@ -228,10 +274,13 @@ class Forwarder:
             subscriber.force_stop()
             subscriber.join(1.0)
             self.stats[subscriber.index].configured = False
+        now = time.time()
+        for key in steps.gone:
+            entry = removed_gap(running[key].index, now, why_removed)
+            if not self.spool.append([entry], entry_size(entry)):
+                log.warning("%s/%s: spool full: its `removed` gap record is lost", *key)
         started = []
-        for key, sub in wanted.items():
-            if key in running and _same(sub, running[key].subscription):
-                continue
+        for sub in steps.start:
             route = _route(sub)
             index = self.spool.add_route(route)
             while len(self.stats) <= index:  # stats are indexed like the spool's routes
@@ -240,17 +289,16 @@ class Forwarder:
             subscriber = self._subscriber(index, sub)
             subscriber.start()
             started.append(subscriber)
-        self.subscribers = kept + started
-        self.config = replace(new, redis=old.redis, metrics=old.metrics, spool=old.spool)
-        log.info(
-            "reloaded %s: %d subscriptions kept, %d started, %d stopped",
-            new.path or "the configuration",
-            len(kept),
-            len(started),
-            len(leaving),
-        )
-        self.notifier.ready()
-        return True
+        self.subscribers = self.subscribers + started
+        if steps.gone or started:
+            log.info(
+                "subscriptions: %d started, %d stopped, %d kept (%d sources)",
+                len(started),
+                len(leaving),
+                len(steps.keep),
+                len({s.subscription.source.name for s in self.subscribers}),
+            )
+        return len(steps.keep), len(started), len(leaving)
 
     def start(self) -> None:
         """Bind the HTTP port and start every thread; returns at once."""
@@ -259,11 +307,14 @@ class Forwarder:
         self.writer.start()
         for subscriber in self.subscribers:
             subscriber.start()
+        self.discovery.start()  # the first poll at once: instances subscribe within it
         log.info(
-            "forwarder %s started: %d subscriptions from %d sources to %s; metrics on http://%s:%d",
+            "forwarder %s started: %d subscriptions from %d sources and %d discovery tables to "
+            "%s; metrics on http://%s:%d",
             __version__,
             len(self.subscribers),
             len(self.config.sources),
+            len(self.config.discovery),
             redact_url(self.config.redis.url),
             self.config.metrics.host,
             self.http.port,
@@ -274,6 +325,13 @@ class Forwarder:
         self._stopping = True
         deadline = time.monotonic() + self.config.shutdown_timeout
         log.info("shutting down: %d frames waiting for Redis", self.spool.pending()[0])
+        # 0. Discovery first, so no poll starts or stops subscriptions from here on. A request
+        #    in flight is not waited for (request_timeout bounds it; _stopping makes its
+        #    result a no-op); the lock waits for a reconciliation under way.
+        self.discovery.stop()
+        self.discovery.join(0.5)
+        with self._apply_lock:
+            pass
         # 1. Subscriptions: send close frames and keep reading until the server echoes them,
         #    so frames already in flight are still spooled.
         for subscriber in self.subscribers:
@@ -336,6 +394,8 @@ class Forwarder:
         failed = [s.name for s in self.subscribers if s.failed is not None]
         if self.writer.failed is not None:
             failed.append("redis-writer")
+        if self.discovery.failed is not None:
+            failed.append("discovery")
         return failed
 
     # -- health, readiness, status (called from HTTP threads) --------------------------------
@@ -366,10 +426,14 @@ class Forwarder:
         connected = sum(1 for s in self.stats if s.state is State.CONNECTED)
         total = len(self.subscribers)
         enough = connected >= self.config.metrics.ready_min_connected * total
-        ok = redis_ok and enough and not self._stopping
+        # Until each [[discovery]] table has had one believed listing we do not know what to
+        # subscribe to; later failures keep the last set running (the alert rule covers them).
+        waiting = self.discovery.never_listed()
+        ok = redis_ok and enough and not waiting and not self._stopping
         return ok, {
             "ready": ok,
             "redis_ok": redis_ok,
+            "discovery_waiting_for_first_listing": waiting,
             "connected": connected,
             "subscriptions": total,
             "min_connected_ratio": self.config.metrics.ready_min_connected,
@@ -381,19 +445,6 @@ class Forwarder:
     ) -> tuple[int, dict[str, Any]]:
         """/status: (HTTP status, document); see status.py for the query parameters."""
         return self._status_report.build(query)
-
-
-def _same(new: Subscription | None, old: Subscription) -> bool:
-    """Whether a reload leaves this subscription's connection as it is.
-
-    The source's `events` list is not part of it: adding an event to a source must not
-    reconnect the source's other events.
-    """
-    if new is None:
-        return False
-    return replace(new, source=replace(new.source, events=())) == replace(
-        old, source=replace(old.source, events=())
-    )
 
 
 def _route(sub: Subscription) -> Route:

@@ -8,7 +8,8 @@ leave our wrapper code, with a message that never contains the token.
     ├── SubscriberError        one WebSocket connection failed
     │   ├── HandshakeRejected  the upgrade was answered with an HTTP status (401, 5xx…)
     │   └── ConnectFailed      no HTTP answer at all (refused, timeout, TLS, DNS)
-    └── SinkError              a Redis write failed
+    ├── SinkError              a Redis write failed
+    └── DiscoveryError         listing a server's instances failed (discovery.py)
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ class ConnectFailed(SubscriberError):
 
 class SinkError(ForwarderError):
     """A Redis write failed; ``kind`` is the bounded error class used as a metric label."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class DiscoveryError(ForwarderError):
+    """Listing instances failed; ``kind`` is the bounded error class used as a metric label.
+
+    The message names the API URL and the reason, never the API key.
+    """
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)

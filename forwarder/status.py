@@ -57,8 +57,11 @@ class StatusReport:
         spool_dir: str,
         started_at: float,
         clock: Callable[[], float] = time.time,
+        sections: Mapping[str, Callable[[], Any]] | None = None,
     ) -> None:
         self._subscriptions = subscriptions
+        # Other components' own sections ("discovery", ...), each built by its owner.
+        self._sections = dict(sections or {})
         self._spool = spool
         self._writer = writer
         self._problems = problems
@@ -124,6 +127,7 @@ class StatusReport:
                 "max_bytes": spool.max_bytes,
                 "corrupt_records": spool.stats.corrupt_records,
             },
+            **{name: section() for name, section in self._sections.items()},
         }
 
     def _by_event(self, subs: tuple[SubscriptionStats, ...]) -> dict[str, list[int]]:

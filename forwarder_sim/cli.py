@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from forwarder_sim import payloads
+from forwarder_sim.instances import DEV_API_KEY
 from forwarder_sim.server import Simulator
 from forwarder_sim.tokens import DEV_SECRET, mint_token
 
@@ -41,6 +42,15 @@ def _secret_from(arg: str | None) -> tuple[str, str]:
     if env:
         return env, "FORWARDER_SIM_SECRET"
     return DEV_SECRET, "DEV_SECRET"
+
+
+def _api_key_from(arg: str | None) -> tuple[str, str]:
+    if arg:
+        return arg, "--api-key"
+    env = os.environ.get("FORWARDER_SIM_API_KEY")
+    if env:
+        return env, "FORWARDER_SIM_API_KEY"
+    return DEV_API_KEY, "DEV_API_KEY"
 
 
 def _main_token(argv: Sequence[str]) -> int:
@@ -80,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8084)
     parser.add_argument("--secret", help="default: $FORWARDER_SIM_SECRET, else DEV_SECRET")
     parser.add_argument(
+        "--api-key",
+        help="the global key of GET /instance/fetchInstances "
+        "(default: $FORWARDER_SIM_API_KEY, else DEV_API_KEY)",
+    )
+    parser.add_argument(
         "--rate",
         type=_parse_rate,
         action="append",
@@ -99,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME",
-        help="create this instance's slots at start, so traffic flows (and is dropped) "
-        "before anyone connects (repeatable)",
+        help="create this instance at start: listed by GET /instance/fetchInstances, and its "
+        "slots exist so traffic flows (and is dropped) before anyone connects (repeatable)",
     )
     parser.add_argument(
         "--frame-size",
@@ -139,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:  # ssl.SSLError included
             parser.error(f"cannot load --tls-cert/--tls-key: {exc}")
     secret, source = _secret_from(args.secret)
+    api_key, api_key_source = _api_key_from(args.api_key)
     sim = Simulator(
         secret,
         host=args.host,
@@ -151,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         frame_size=args.frame_size,
         instances=args.instance,
         ssl_context=tls,
+        api_key=api_key,
     )
     stop = threading.Event()
 
@@ -170,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             f"simulator listening on {sim.url}?event=EVENT&token=TOKEN\n"
             f"stats: {http}://{args.host}:{sim.port}/stats  "
             f"control: POST {http}://{args.host}:{sim.port}/control/<name>\n"
+            f"instances: GET {http}://{args.host}:{sim.port}/instance/fetchInstances "
+            f"(header apikey, from {api_key_source})\n"
             f"mint a token: forwarder simulate token --instance NAME{hint}\n"
             f"(secret from {source})\n"
         )

@@ -54,6 +54,7 @@ import jwt
 import orjson
 
 from forwarder_sim import payloads
+from forwarder_sim.instances import DEV_API_KEY, InstanceTable, RestApi
 from forwarder_sim.tokens import JWT_CODEC, mint_token, token_instance_unverified
 
 __all__ = [
@@ -203,6 +204,7 @@ class _Conn(asyncio.Protocol):
         self.fragmented = False  # inside a fragmented client message
         self.linger: asyncio.TimerHandle | None = None
         self.written = 0  # bytes handed to the transport so far
+        self.token_id: str | None = None  # the tokenId claim of the token it connected with
         self.eof_sent = False  # drop shut our sending side down (FIN queued)
         # Recent data-frame writes, so a reset can tell which counted frames never left:
         # (stream offset after the write, slot, frame lengths, index of the first in
@@ -329,7 +331,9 @@ class _Conn(asyncio.Protocol):
         body = bytes(self.buf[end + 4 : end + 4 + length])
         self.buf.clear()
         self.state = ConnState.CLOSING  # one request per connection
-        task = asyncio.get_running_loop().create_task(self.sim._http(self, method, target, body))
+        task = asyncio.get_running_loop().create_task(
+            self.sim._http(self, method, target, body, headers)
+        )
         self.sim._tasks.add(task)
         task.add_done_callback(self.sim._tasks.discard)
 
@@ -448,6 +452,10 @@ class Simulator:
         ssl_context: a server-side TLS context: serve ``wss://`` (and the HTTP endpoints over
             HTTPS). Set ``verify_mode = ssl.CERT_REQUIRED`` on it to require client
             certificates.
+        api_key: the global key ``GET /instance/fetchInstances`` wants in its ``apikey``
+            header (upstream ``AUTHENTICATION_GLOBAL_AUTH_TOKEN``). ``instances`` are also
+            listed there; :meth:`create_instance`, :meth:`delete_instance` and
+            :meth:`rotate_token` change the listing at run time (see instances.py).
     """
 
     def __init__(
@@ -464,6 +472,7 @@ class Simulator:
         frame_size: int | None = None,
         instances: Iterable[str] = (),
         ssl_context: ssl.SSLContext | None = None,
+        api_key: str = DEV_API_KEY,
     ) -> None:
         for event in rates or {}:
             if event not in _ALLOWED:
@@ -482,6 +491,10 @@ class Simulator:
         self._initial_instances = list(instances)
         self._ssl_context = ssl_context
         # Everything below is owned by the loop thread once start() has run.
+        self._rest = RestApi(InstanceTable(secret), api_key)
+        for name in self._initial_instances:
+            if name not in self._rest.table:
+                self._rest.table.create(name)
         self._slots: dict[tuple[str, str], _Slot] = {}
         self._conns: dict[int, _Conn] = {}
         self._closed_ids: deque[int] = deque()
@@ -731,6 +744,8 @@ class Simulator:
             b"Sec-WebSocket-Accept: " + _accept_key(key).encode() + b"\r\n\r\n"
         )
         conn.state = ConnState.OPEN
+        token_id = claims.get("tokenId")
+        conn.token_id = token_id if isinstance(token_id, str) else None
         slot = self._slot(instance, event)
         slot.holder = conn  # the newest connection wins; the old one is not told
         slot.connections += 1
@@ -1000,6 +1015,102 @@ class Simulator:
                 raise TimeoutError(f"no open holder for {instance}/{event}")
             await asyncio.sleep(0.005)
 
+    # ------------------------------------------------------------------ public: instances (REST)
+
+    def create_instance(
+        self, name: str, expires_in: float | None = None, status: str = "ONLINE"
+    ) -> dict[str, Any]:
+        """Add an instance to the listing with a fresh token; returns its listing row.
+
+        Its slots for events with a rate start generating traffic at once (dropped until
+        someone subscribes), like a new busy instance. Nothing is announced on the WebSocket.
+        """
+        return self._run(self._a_create_instance(name, expires_in, status))
+
+    async def _a_create_instance(
+        self, name: str, expires_in: float | None = None, status: str = "ONLINE"
+    ) -> dict[str, Any]:
+        row = self._rest.table.create(name, expires_in, status)
+        for event in payloads.ALLOWED_EVENTS:
+            slot = self._slots.get((name, event))
+            if slot is not None and slot.rate_override == 0.0:
+                slot.rate_override = None  # a re-created instance: traffic again
+                self._restart_generator(slot)
+            elif slot is None and self._event_rate(event) > 0:
+                self._slot(name, event)
+        log.info("instance %s created", name)
+        return row
+
+    def delete_instance(self, name: str) -> None:
+        """Remove an instance from the listing; its traffic stops.
+
+        Like upstream, its token still passes the WebSocket check and open connections stay
+        open (and silent).
+        """
+        self._run(self._a_delete_instance(name))
+
+    async def _a_delete_instance(self, name: str) -> dict[str, Any]:
+        self._rest.table.delete(name)
+        for slot in self._match_slots(name, None):
+            slot.rate_override = 0.0
+            self._restart_generator(slot)
+        log.info("instance %s deleted", name)
+        return {"deleted": name}
+
+    def rotate_token(self, name: str, expires_in: float | None = None) -> str:
+        """Give the instance a new token (what PUT /instance/refreshToken does); return it.
+
+        The old token keeps passing the WebSocket check (upstream checks only signature and
+        expiry); open connections are not touched.
+        """
+        return str(self._run(self._a_rotate_token(name, expires_in))["token"])
+
+    async def _a_rotate_token(self, name: str, expires_in: float | None = None) -> dict[str, Any]:
+        auth = self._rest.table.rotate(name, expires_in)
+        log.info("instance %s: token rotated", name)
+        return dict(auth)
+
+    def instance_token(self, name: str) -> str:
+        """The instance's current token, as the listing shows it."""
+        return str(self._run(self._a_instance_token(name))["token"])
+
+    async def _a_instance_token(self, name: str) -> dict[str, Any]:
+        return {"token": self._rest.table.token(name)}
+
+    def set_instance_status(self, name: str, status: str) -> None:
+        """Set the listing's connectionStatus (ONLINE or OFFLINE) of an instance."""
+        self._run(self._a_set_instance_status(name, status))
+
+    async def _a_set_instance_status(self, name: str, status: str) -> dict[str, Any]:
+        self._rest.table.set_status(name, status)
+        return {"status": status}
+
+    def api_fault(
+        self, mode: str, count: int = 1, status: int = 503, seconds: float = 60.0
+    ) -> None:
+        """Make the next ``count`` listing requests (-1: until :meth:`api_heal`) fail.
+
+        Modes (instances.API_FAULTS): ``status`` (HTTP ``status``), ``garbage`` (not JSON),
+        ``object`` (JSON but not an array), ``empty`` (``[]``), ``reset`` (cut without an
+        answer), ``hang`` (answer only after ``seconds``). The key is checked first: a wrong
+        key is answered 401/403 whatever the faults.
+        """
+        self._run(self._a_api_fault(mode, count, status, seconds))
+
+    async def _a_api_fault(
+        self, mode: str, count: int = 1, status: int = 503, seconds: float = 60.0
+    ) -> dict[str, Any]:
+        rules = self._rest.fault(mode, count, status, seconds)
+        log.info("fault api %s: next %d listing request(s)", mode, count)
+        return {"rules": rules}
+
+    def api_heal(self) -> int:
+        """Remove every API fault; return how many rules were removed."""
+        return int(self._run(self._a_api_heal())["rules"])
+
+    async def _a_api_heal(self) -> dict[str, Any]:
+        return {"rules": self._rest.heal()}
+
     # ------------------------------------------------------------------ public: observation
 
     def stats(self) -> dict[str, Any]:
@@ -1052,6 +1163,7 @@ class Simulator:
                 "holder": c.slot.holder is c,
                 "blackholed": c.blackholed,
                 "stalled": c.stalled,
+                "token_id": c.token_id,
             }
             for c in self._conns.values()
             if c.slot is not None
@@ -1070,6 +1182,11 @@ class Simulator:
             "reject_rules": [list(r) for r in self._reject_rules],
             "slots": slots,
             "connections": conns,
+            "api": {
+                "instances": self._rest.table.names(),
+                "listings": self._rest.listings,
+                "requests": dict(self._rest.requests),
+            },
         }
 
     def delivered_frames(self, instance: str, event: str) -> list[bytes]:
@@ -1409,8 +1526,19 @@ class Simulator:
 
     # ------------------------------------------------------------------ HTTP endpoints
 
-    async def _http(self, conn: _Conn, method: str, target: str, body: bytes) -> None:
+    async def _http(
+        self, conn: _Conn, method: str, target: str, body: bytes, headers: Mapping[str, str]
+    ) -> None:
         path = urllib.parse.urlsplit(target).path
+        if self._rest.handles(path):
+            reply = self._rest.handle(method, target, headers, body)
+            if reply.reset:
+                conn.abort_tcp()
+                return
+            if reply.delay:
+                await asyncio.sleep(reply.delay)  # a hanging API; cancelled by stop()
+            conn._http_reply(reply.status, reply.body)
+            return
         try:
             if method == "GET" and path == "/stats":
                 conn._http_reply("200 OK", orjson.dumps(await self._a_stats()))
@@ -1490,6 +1618,12 @@ def _control_table() -> dict[str, Callable[..., Awaitable[dict[str, Any]]]]:
         "set_rate": Simulator._a_set_rate,
         "send": Simulator._a_send,
         "send_raw": send_raw,
+        "create_instance": Simulator._a_create_instance,
+        "delete_instance": Simulator._a_delete_instance,
+        "rotate_token": Simulator._a_rotate_token,
+        "set_instance_status": Simulator._a_set_instance_status,
+        "api_fault": Simulator._a_api_fault,
+        "api_heal": Simulator._a_api_heal,
     }
 
 

@@ -88,8 +88,8 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
         (SOURCE.replace("/ws/events", "/ws/events?token=abc"), "put no query in the URL"),
         (SOURCE + SOURCE, "the name 'main' is used twice"),
         (
-            SOURCE + SOURCE.replace('"main"', '"other"'),
-            "stream key 'qrcode.updated' is the stream of source 'other'",
+            SOURCE + 'stream = "{event}:dlq"\n' + SOURCE.replace('"main"', '"other"'),
+            "stream key 'qrcode.updated:dlq' is the dead-letter stream of source 'other'",
         ),
         ("[redis]\nurl = 'http://x'\n" + SOURCE, "redis.url: expected redis://"),
         ("[metrics]\nlisten = 'nowhere'\n" + SOURCE, "metrics.listen: expected HOST:PORT"),

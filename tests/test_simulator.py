@@ -28,6 +28,7 @@ import pytest
 import websocket
 
 from forwarder_sim import DEV_SECRET, REJECT_RESPONSE, Simulator, main, mint_token, payloads
+from forwarder_sim.tokens import JWT_CODEC
 
 SECRET = "simulator-test-secret"  # short on purpose: upstream secrets can be short too
 INSTANCE = "acme"
@@ -625,6 +626,213 @@ def test_faults_over_http(sim: Simulator) -> None:
     assert http_json(sim, "/control/reject", {"count": 1}) == (200, {"ok": True, "rules": 1})
     assert http_json(sim, "/control/heal", {}) == (200, {"ok": True, "connections": 0})
     ws.close()
+
+
+# --------------------------------------------------------------------------- REST: instances
+
+API_KEY = "sim-test-global-key"
+LISTING = "/instance/fetchInstances"
+
+
+def api(
+    sim: Simulator,
+    path: str = LISTING,
+    key: str | None = API_KEY,
+    method: str = "GET",
+    body: Any = None,
+) -> tuple[int, Any]:
+    """One REST request the way a client of the upstream makes it; (status, parsed body)."""
+    headers = {} if key is None else {"apikey": key}
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{sim.port}{path}", data=data, method=method, headers=headers
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.fixture
+def rest() -> Iterator[Simulator]:
+    """A simulator with a known global key and two instances listed from the start."""
+    with Simulator(SECRET, api_key=API_KEY, instances=["acme", "beta"]) as s:
+        yield s
+
+
+def test_listing_has_the_upstream_shape_with_the_instance_tokens(rest: Simulator) -> None:
+    """fetchInstances answers an array of database rows; Auth.token is a working WS token."""
+    status, rows = api(rest)
+    assert status == 200
+    assert [r["name"] for r in rows] == ["acme", "beta"]
+    for row in rows:
+        assert set(row) == {
+            "id",
+            "name",
+            "description",
+            "connectionStatus",
+            "ownerJid",
+            "profilePicUrl",
+            "createdAt",
+            "updatedAt",
+            "Auth",
+            "Webhook",
+        }
+        assert set(row["Auth"]) == {"id", "token", "createdAt", "updatedAt"}
+        assert row["connectionStatus"] in ("ONLINE", "OFFLINE")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", row["createdAt"])
+        claims = JWT_CODEC.decode(row["Auth"]["token"], SECRET, algorithms=["HS256"])
+        assert claims["instanceName"] == row["name"]
+    query = urllib.parse.urlencode({"event": EVENT, "token": rows[0]["Auth"]["token"]})
+    ws = websocket.create_connection(f"{rest.url}?{query}", timeout=5)
+    rest.wait_for_holder("acme", EVENT)
+    assert rest.send("acme", EVENT, 1) == 1
+    ws.close()
+
+
+def test_listing_checks_the_global_key_like_upstream(rest: Simulator) -> None:
+    """No apikey header: 403; a wrong key (even an instance token): 401; nothing listed."""
+    status, body = api(rest, key=None)
+    assert status == 403
+    assert body["message"] == ["Missing global api key"]
+    assert api(rest, key="wrong")[0] == 401
+    assert api(rest, key=rest.instance_token("acme"))[0] == 401
+    assert rest.stats()["api"]["requests"] == {"403": 1, "401": 2}
+    assert rest.stats()["api"]["listings"] == 0
+
+
+def test_listing_by_instance_name_is_still_an_array(rest: Simulator) -> None:
+    """?instanceName=NAME answers a one-element array; an unknown name is a 400."""
+    status, rows = api(rest, f"{LISTING}?instanceName=beta")
+    assert status == 200
+    assert [r["name"] for r in rows] == ["beta"]
+    assert api(rest, f"{LISTING}?instanceName=nobody")[0] == 400
+
+
+def test_instances_created_deleted_and_rotated_at_run_time(rest: Simulator) -> None:
+    """Control endpoints change the listing; a deleted instance's token still connects."""
+    status, result = http_json(rest, "/control/create_instance", {"name": "gamma"})
+    assert status == 200
+    assert result["name"] == "gamma"
+    assert [r["name"] for r in api(rest)[1]] == ["acme", "beta", "gamma"]
+    assert http_json(rest, "/control/create_instance", {"name": "gamma"})[0] == 400
+    old = rest.instance_token("gamma")
+    status, auth = http_json(rest, "/control/rotate_token", {"name": "gamma"})
+    assert status == 200
+    assert auth["token"] != old
+    assert {r["name"]: r["Auth"]["token"] for r in api(rest)[1]}["gamma"] == auth["token"]
+    assert http_json(rest, "/control/delete_instance", {"name": "beta"})[0] == 200
+    assert [r["name"] for r in api(rest)[1]] == ["acme", "gamma"]
+    assert http_json(rest, "/control/delete_instance", {"name": "beta"})[0] == 400
+    # The WebSocket check is only cryptographic: the old token of a rotated instance and a
+    # deleted instance's token still connect (and then receive nothing).
+    for name, token in (("gamma", old), ("beta", rest.token("beta"))):
+        query = urllib.parse.urlencode({"event": EVENT, "token": token})
+        ws = websocket.create_connection(f"{rest.url}?{query}", timeout=5)
+        rest.wait_for_holder(name, EVENT)
+        ws.close()
+
+
+def test_connections_record_which_token_they_used(rest: Simulator) -> None:
+    """Each connection's stats carry the tokenId of its token: tests see which one was used."""
+    token = rest.instance_token("acme")
+    query = urllib.parse.urlencode({"event": EVENT, "token": token})
+    ws = websocket.create_connection(f"{rest.url}?{query}", timeout=5)
+    holder = rest.wait_for_holder("acme", EVENT)
+    claims = jwt.decode(token, options={"verify_signature": False})
+    assert rest.stats()["connections"][str(holder)]["token_id"] == claims["tokenId"]
+    ws.close()
+
+
+def test_deleting_an_instance_stops_its_traffic(rest: Simulator) -> None:
+    """A deleted instance generates nothing more; created again, its traffic resumes."""
+    with Simulator(SECRET, api_key=API_KEY, rates={EVENT: 200}, instances=["acme"]) as s:
+        wait_until(lambda: s.stats()["slots"]["acme"][EVENT]["seq"] > 0)
+        s.delete_instance("acme")
+        seq = s.stats()["slots"]["acme"][EVENT]["seq"]
+        assert s.stats()["slots"]["acme"][EVENT]["rate"] == 0
+        s.create_instance("acme")
+        wait_until(lambda: s.stats()["slots"]["acme"][EVENT]["seq"] > seq)
+        s.create_instance("fresh")  # a new instance's rated slots exist at once
+        wait_until(lambda: s.stats()["slots"].get("fresh", {}).get(EVENT, {}).get("seq", 0) > 0)
+
+
+def test_refresh_token_like_upstream(rest: Simulator) -> None:
+    """PUT refreshToken with the current token answers 201 and a new one; the old is spent."""
+    old = rest.instance_token("acme")
+    path = "/instance/refreshToken/acme"
+    status, auth = api(rest, path, key=None, method="PUT", body={"oldToken": old})
+    assert status == 201
+    assert auth["token"] != old
+    assert rest.instance_token("acme") == auth["token"]
+    assert api(rest, path, key=None, method="PUT", body={"oldToken": old})[0] == 401
+    assert api(rest, path, key=None, method="PUT", body={})[0] == 401
+    assert api(rest, "/instance/refreshToken/nobody", key=None, method="PUT", body={})[0] == 400
+
+
+def test_refresh_accepts_an_expired_token_and_keeps_its_lifetime() -> None:
+    """An expired current token still refreshes; the new one has the same lifetime."""
+    with Simulator(SECRET, api_key=API_KEY) as s:
+        s.create_instance("acme", expires_in=-10)
+        path = "/instance/refreshToken/acme"
+        old = s.instance_token("acme")
+        status, auth = api(s, path, key=None, method="PUT", body={"oldToken": old})
+        assert status == 201
+        claims = JWT_CODEC.decode(
+            auth["token"], SECRET, algorithms=["HS256"], options={"verify_exp": False}
+        )
+        assert claims["exp"] - claims["iat"] == -10
+
+
+def raw_listing(sim: Simulator) -> tuple[int | None, bytes]:
+    """(status, body) of one listing request, or (None, b"") if the connection was cut."""
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{sim.port}{LISTING}", headers={"apikey": API_KEY}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:  # noqa: S310
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+    except (urllib.error.URLError, ConnectionError):
+        return None, b""
+
+
+def test_api_faults_for_the_next_requests_then_normal(rest: Simulator) -> None:
+    """Each API fault mode answers as documented for `count` requests, then the listing."""
+    rest.api_fault("status", count=2, status=502)
+    assert raw_listing(rest)[0] == raw_listing(rest)[0] == 502
+    rest.api_fault("garbage")
+    status, body = raw_listing(rest)
+    assert status == 200
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(body)
+    rest.api_fault("object")
+    assert isinstance(json.loads(raw_listing(rest)[1]), dict)
+    rest.api_fault("empty")
+    assert json.loads(raw_listing(rest)[1]) == []
+    rest.api_fault("reset")
+    assert raw_listing(rest) == (None, b"")
+    assert [r["name"] for r in json.loads(raw_listing(rest)[1])] == ["acme", "beta"]
+    # A wrong key is refused before any fault applies, and does not use one up.
+    rest.api_fault("status", count=-1)
+    assert api(rest, key="wrong")[0] == 401
+    assert raw_listing(rest)[0] == raw_listing(rest)[0] == 503
+    assert http_json(rest, "/control/api_heal", {}) == (200, {"ok": True, "rules": 1})
+    assert raw_listing(rest)[0] == 200
+    assert http_json(rest, "/control/api_fault", {"mode": "nonsense"})[0] == 400
+
+
+def test_api_hang_outlasts_a_client_timeout(rest: Simulator) -> None:
+    """The hang fault answers nothing for `seconds`: a client with a shorter timeout gives up."""
+    rest.api_fault("hang", seconds=30)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{rest.port}{LISTING}", headers={"apikey": API_KEY}
+    )
+    with pytest.raises(TimeoutError):
+        urllib.request.urlopen(req, timeout=0.3)  # noqa: S310
+    assert raw_listing(rest)[0] == 200  # the fault was used up by the first request
 
 
 # --------------------------------------------------------------------------- rates
