@@ -4,6 +4,7 @@ Threads and their owner (this object):
     sub:SOURCE/EVENT  one per subscription (subscriber.Subscriber)
     redis-writer      drains the spool into Redis (sink.RedisWriter)
     http              /metrics /healthz /readyz /status (http.HttpServer)
+    consumers         stream and consumer-group metrics, retention "acked" (consumers.StreamMonitor)
 The main thread only waits on `stop_event` and watches the others.
 """
 
@@ -25,11 +26,13 @@ import redis
 from forwarder import __version__
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
 from forwarder.config import Config, Subscription, redact_url
+from forwarder.consumers import ConsumerCollector, build_monitor
 from forwarder.errors import ConfigError, ExitCode
 from forwarder.http import HttpServer
 from forwarder.logs import redact
 from forwarder.metrics import ForwarderCollector, build_registry
 from forwarder.notify import Notifier, format_status
+from forwarder.retention import writer_config
 from forwarder.sink import IDLE_PING_SECONDS, RedisWriter, make_client
 from forwarder.spool import DiskSpool, Route
 from forwarder.stats import State, SubscriptionStats, WriterStats
@@ -100,10 +103,24 @@ class Forwarder:
         self._limiter = AttemptLimiter(CONNECT_RATE, CONNECT_BURST)
         self.subscribers = [self._subscriber(i, sub) for i, sub in enumerate(subscriptions)]
         self.writer = RedisWriter(
-            self.client, self.spool, self.stats, self.writer_stats, config.redis, rand
+            self.client,
+            self.spool,
+            self.stats,
+            self.writer_stats,
+            writer_config(config.redis),
+            rand,
+        )
+        self.consumers = build_monitor(
+            config,
+            self.client,
+            lambda: [route.stream for route in list(self.spool.routes)],
+            self.writer_stats,
+            lambda: self.spool.pending()[0],
+            stale_after=REDIS_READY_AGE,
         )
         collector = ForwarderCollector(lambda: self.stats, self.writer_stats, self.spool)
         self.registry = build_registry(collector)
+        self.registry.register(ConsumerCollector(self.consumers))
         self.http = HttpServer(
             config.metrics.host,
             config.metrics.port,
@@ -189,7 +206,7 @@ class Forwarder:
             self.notifier.ready()
             return False
         old = self.config
-        for name in ("redis", "metrics", "spool"):
+        for name in ("redis", "metrics", "spool", "consumers"):
             if getattr(old, name) != getattr(new, name):
                 log.warning("reload: [%s] changed; that takes effect after a restart", name)
         logging.getLogger().setLevel(new.log_level)
@@ -219,7 +236,9 @@ class Forwarder:
             subscriber.start()
             started.append(subscriber)
         self.subscribers = kept + started
-        self.config = replace(new, redis=old.redis, metrics=old.metrics, spool=old.spool)
+        self.config = replace(
+            new, redis=old.redis, metrics=old.metrics, spool=old.spool, consumers=old.consumers
+        )
         log.info(
             "reloaded %s: %d subscriptions kept, %d started, %d stopped",
             new.path or "the configuration",
@@ -235,6 +254,7 @@ class Forwarder:
         self.http.start()
         self.spool.start()
         self.writer.start()
+        self.consumers.start()
         for subscriber in self.subscribers:
             subscriber.start()
         log.info(
@@ -252,6 +272,8 @@ class Forwarder:
         self._stopping = True
         deadline = time.monotonic() + self.config.shutdown_timeout
         log.info("shutting down: %d frames waiting for Redis", self.spool.pending()[0])
+        # 0. Consumer-group monitor: no new rounds, so the drain below has Redis to itself.
+        self.consumers.stop()
         # 1. Subscriptions: send close frames and keep reading until the server echoes them,
         #    so frames already in flight are still spooled.
         for subscriber in self.subscribers:
@@ -268,6 +290,7 @@ class Forwarder:
         #    does not take in time stays in the spool for the next start.
         self.writer.stop(deadline - 0.5)
         self.writer.join(max(0.1, deadline - time.monotonic()))
+        self.consumers.join(max(0.1, min(1.0, deadline - time.monotonic())))
         # 4. Spool: fsync, save the cursor, release the directory lock.
         self.spool.close()
         pending, _ = self.spool.pending()
@@ -314,6 +337,8 @@ class Forwarder:
         failed = [s.name for s in self.subscribers if s.failed is not None]
         if self.writer.failed is not None:
             failed.append("redis-writer")
+        if self.consumers.failed is not None:
+            failed.append("consumers")
         return failed
 
     # -- health, readiness, status (called from HTTP threads) --------------------------------
@@ -325,6 +350,8 @@ class Forwarder:
             dead += [s.name for s in self.subscribers if not s.is_alive()]
             if not self.writer.is_alive():
                 dead.append("redis-writer")
+            if not self.consumers.is_alive():
+                dead.append("consumers")
         return not dead, {"healthy": not dead, "dead_threads": sorted(set(dead))}
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -344,10 +371,12 @@ class Forwarder:
         connected = sum(1 for s in self.stats if s.state is State.CONNECTED)
         total = len(self.subscribers)
         enough = connected >= self.config.metrics.ready_min_connected * total
-        ok = redis_ok and enough and not self._stopping
+        consumers_ok, consumers_error = self.consumers.readiness()
+        ok = redis_ok and enough and not self._stopping and consumers_ok
         return ok, {
             "ready": ok,
             "redis_ok": redis_ok,
+            "consumers_error": redact(consumers_error) if consumers_error else None,
             "connected": connected,
             "subscriptions": total,
             "min_connected_ratio": self.config.metrics.ready_min_connected,
