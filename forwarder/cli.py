@@ -1,4 +1,4 @@
-"""Command line: `forwarder run | check-config | simulate | watch`.
+"""Command line: `forwarder run | check-config | simulate | watch | tail | streams | dlq`.
 
 Secrets never come from argv (visible in ps and shell history): only from files, the
 environment, or systemd credentials, as the configuration says.
@@ -39,6 +39,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return ExitCode.CONFIG
+    if hasattr(ns, "handler"):  # streamtools' sub-commands
+        from forwarder import streamtools
+
+        return int(streamtools.run(ns, ns.handler))
     handler = {"run": _run, "check-config": _check_config, "watch": _watch}[ns.command]
     return int(handler(ns))
 
@@ -63,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     watch.add_argument("--redis-url", help="also show each stream's length (XLEN)")
     watch.add_argument("--interval", type=float, default=1.0)
     watch.add_argument("--count", type=int, default=0, help="refreshes before exiting (0: never)")
+    from forwarder import streamtools
+
+    streamtools.register(sub)  # tail, streams, dlq show
     return parser
 
 
