@@ -44,6 +44,7 @@ CHUNK = 25  # streams per pipelined round trip
 SPREAD = 0.8  # the chunks of a round start within this fraction of the interval
 SLOW_CHUNK_SECONDS = 0.5  # a chunk this slow means Redis is struggling: stop the round
 LOG_INTERVAL = 300.0  # seconds between two log lines about the same kind of skip
+SKIPS_BEFORE_WARNING = 3
 # Errors that mean "not now" (the next round may work) rather than "fix the setup".
 TRANSIENT = frozenset({"connection", "timeout", "busy", "loading", "oom", "readonly"})
 
@@ -184,7 +185,7 @@ class StreamMonitor:
         self._state = _State()
         self._problem: str | None = None
         self._logged_at: dict[str, float] = {}
-        self._skipping = False
+        self._skipping = 0  # rounds given up in a row
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="consumers", daemon=True)
         self.failed: BaseException | None = None  # set if the thread died of a bug
@@ -294,10 +295,10 @@ class StreamMonitor:
             for gone in [s for s in state.facts if s not in keep]:
                 del state.facts[gone]
         self._tracker.forget(set(streams))
-        if self._problem is not None or self._skipping:
+        if self._problem is not None or self._skipping >= SKIPS_BEFORE_WARNING:
             log.info("consumer-group monitor: a complete round again (%d streams)", len(streams))
         self._problem = None
-        self._skipping = False
+        self._skipping = 0
         return True
 
     def _call(self, sha: str, chunk: Sequence[str]) -> list[Any]:
@@ -380,13 +381,17 @@ class StreamMonitor:
     def _skip(self, reason: str, why: str) -> bool:
         with self._lock:
             self._state.skipped[reason] = self._state.skipped.get(reason, 0) + 1
-        self._skipping = True
-        self._log(
-            f"skip:{reason}",
-            logging.WARNING,
-            "consumer-group monitor skips this round: %s",
-            why,
-        )
+        self._skipping += 1
+        # One skip is routine (the first round can come before the writer's first answer);
+        # WARN once several rounds in a row were given up.
+        if self._skipping >= SKIPS_BEFORE_WARNING:
+            self._log(
+                f"skip:{reason}",
+                logging.WARNING,
+                "consumer-group monitor skipped %d rounds in a row; now: %s",
+                self._skipping,
+                why,
+            )
         return False
 
     def _log(self, key: str, level: int, message: str, *args: object) -> None:
