@@ -91,7 +91,7 @@ def written(
 
 
 def pending(client: redis.Redis) -> int:
-    return int(cast(dict[str, Any], client.xpending(STREAM, GROUP))["pending"])
+    return int(client.xpending(STREAM, GROUP)["pending"])
 
 
 def check_run(consumer: Consumer, key_ids: list[str], client: redis.Redis) -> str:
