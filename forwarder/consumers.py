@@ -259,6 +259,9 @@ class StreamMonitor:
         started = self._clock()
         streams = sorted(set(self._streams()))
         chunks = [streams[i : i + self._chunk] for i in range(0, len(streams), self._chunk)]
+        reason = self._busy()  # before any Redis call: nothing competes with a failing writer
+        if reason is not None:
+            return self._skip("writer", f"the Redis writer comes first: {reason}")
         try:
             if self._retention is not None:
                 self._retention.detect(self._client)

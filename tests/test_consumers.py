@@ -209,14 +209,20 @@ def test_monitor_counts_entries_trimmed_past_a_group_under_maxlen(
 
 
 def test_round_is_skipped_while_the_writer_needs_redis(redis_client: redis.Redis) -> None:
-    """A busy writer: the round is given up and counted, the old values stay, then it resumes."""
+    """A busy writer: no Redis call, the round is counted as skipped, old values stay; resumes."""
     fill(redis_client, "s", 5)
     reason: list[str | None] = [None]
     monitor = monitor_for(redis_client, "s", busy=lambda: reason[0])
     assert monitor.run_round()
     fill(redis_client, "s", 5)
     reason[0] = "5000 frames wait for the writer"
+    before = redis_client.info("commandstats")
     assert not monitor.run_round()
+    after = redis_client.info("commandstats")
+    calls = {
+        k: v["calls"] for k, v in after.items() if before.get(k, {}).get("calls") != v["calls"]
+    }
+    assert set(calls) <= {"cmdstat_info"}  # not one command of its own meanwhile
     values = samples(monitor)
     assert values[("forwarder_stream_length", (("stream", "s"),))] == 5  # the last observation
     assert values[("forwarder_consumer_rounds_skipped_total", (("reason", "writer"),))] == 1
