@@ -107,6 +107,23 @@ def test_metrics_match_known_group_states(redis_client: redis.Redis) -> None:
     assert ids  # the entries exist
 
 
+def test_fan_in_streams_are_observed_once_per_stream(redis_client: redis.Redis) -> None:
+    """Several subscriptions writing one stream: one series and one Redis call per stream."""
+    fill(redis_client, "messages.upsert", 4)
+    redis_client.xgroup_create("messages.upsert", "billing", id="0")
+    # The daemon passes one stream name per route: here three sources share the stream.
+    monitor = monitor_for(redis_client, "messages.upsert", "messages.upsert", "messages.upsert")
+    redis_client.config_resetstat()
+    assert monitor.run_round()
+    assert redis_client.info("commandstats")["cmdstat_evalsha"]["calls"] == 1  # one call, too
+    values = samples(monitor)
+    lengths = [k for k in values if k[0] == "forwarder_stream_length"]
+    assert lengths == [("forwarder_stream_length", (("stream", "messages.upsert"),))]
+    lags = [k for k in values if k[0] == "forwarder_consumer_group_lag"]
+    assert len(lags) == 1
+    assert values[lags[0]] == 4
+
+
 def test_lag_is_computed_where_redis_reports_nil(redis_client: redis.Redis) -> None:
     """A group created at an ID inside the stream: Redis 7 says nil, the metric counts 70."""
     ids = fill(redis_client, "s", 100)
