@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST_ARGS ?=
-PY_DIRS := forwarder forwarder_sim tests scripts $(wildcard bench)
+PY_DIRS := forwarder forwarder_sim tests scripts examples $(wildcard bench)
 
 PREFIX  ?= /opt/forwarder
 DESTDIR ?=

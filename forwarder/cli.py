@@ -1,4 +1,5 @@
-"""Command line: `forwarder run | check-config | discover | simulate | watch`.
+"""Command line: `forwarder run | check-config | discover | simulate | watch | tail | streams`,
+`forwarder dlq show`.
 
 Secrets never come from argv (visible in ps and shell history): only from files, the
 environment, or systemd credentials, as the configuration says.
@@ -41,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return ExitCode.CONFIG
+    if hasattr(ns, "handler"):  # streamtools' sub-commands
+        from forwarder import streamtools
+
+        return int(streamtools.run(ns, ns.handler))
     handler = {
         "run": _run,
         "check-config": _check_config,
@@ -83,6 +88,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a row per subscription, or counts and the unhealthy ones (auto: the table "
         "when it fits the terminal)",
     )
+    from forwarder import streamtools
+
+    streamtools.register(sub)  # tail, streams, dlq show
     return parser
 
 

@@ -177,6 +177,9 @@ class RedisConfig:
     gap_stream: str = DEFAULT_GAP_STREAM  # one stream for the blind intervals of all subscriptions
     socket_timeout: float = 5.0
     batch_max: int = 1000
+    # "maxlen": XADD trims each stream to `maxlen` (~) whatever its consumer groups have read.
+    # "acked": retention.py trims only what every group acknowledged; maxlen is the ceiling.
+    retention: str = "maxlen"
     # TLS, rediss:// only (verification is always on): as in SourceConfig.
     ca_file: Path | None = None
     client_cert: Path | None = None
@@ -231,6 +234,16 @@ class MetricsConfig:
         return _split_listen(self.listen)[1]
 
 
+RETENTION_MODES = ("maxlen", "acked")
+
+
+@dataclass(frozen=True)
+class ConsumersConfig:
+    """The consumer-group monitor (consumers.py): stream and group metrics, retention "acked"."""
+
+    interval: float = 10.0  # seconds for one round over every stream; 0 = off
+
+
 @dataclass(frozen=True)
 class SpoolConfig:
     """The on-disk spool every received frame goes through (see spool.py)."""
@@ -264,6 +277,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    consumers: ConsumersConfig = field(default_factory=ConsumersConfig)
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
     path: Path | None = None
@@ -293,6 +307,7 @@ class Config:
                 "gap_stream": self.redis.gap_stream,
                 "socket_timeout": self.redis.socket_timeout,
                 "batch_max": self.redis.batch_max,
+                "retention": self.redis.retention,
                 **_tls_paths(self.redis.ca_file, self.redis.client_cert, self.redis.client_key),
             },
             "metrics": {
@@ -302,6 +317,7 @@ class Config:
                 "source_label": self.metrics.source_label,
                 "stall_after": dict(self.metrics.stall_after),
             },
+            "consumers": {"interval": self.consumers.interval},
             "spool": {
                 "dir": str(self.spool.dir),
                 "max_bytes": self.spool.max_bytes,
@@ -402,6 +418,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     redis_cfg = _parse_redis(reader.table("redis"))
     metrics_cfg = _parse_metrics(reader.table("metrics"))
     spool_cfg = _parse_spool(reader.table("spool"), environ)
+    consumers_cfg = _parse_consumers(reader.table("consumers"), redis_cfg)
     sources = [_parse_source(t, environ) for t in reader.tables("sources")]
     from forwarder.discovery_config import parse_discovery  # it imports this module
 
@@ -443,6 +460,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
         redis=redis_cfg,
         metrics=metrics_cfg,
         spool=spool_cfg,
+        consumers=consumers_cfg,
         shutdown_timeout=shutdown_timeout,
         log_level=log_level,
         path=file_path,
@@ -463,10 +481,34 @@ def _parse_redis(t: _Table) -> RedisConfig:
         gap_stream=t.string("gap_stream", DEFAULT_GAP_STREAM),
         socket_timeout=t.number("socket_timeout", 5.0, minimum=0.1),
         batch_max=t.integer("batch_max", 1000, minimum=1) or 1000,
+        retention=_parse_retention(t),
         **_parse_tls(t),
     )
     t.finish()
     return cfg
+
+
+def _parse_retention(t: _Table) -> str:
+    mode = t.string("retention", "maxlen")
+    if mode not in RETENTION_MODES:
+        raise ConfigError(
+            f'{t.key("retention")}: expected "maxlen" (trim by length, today\'s behaviour) or '
+            f'"acked" (trim only what every consumer group acknowledged), got {mode!r}'
+        )
+    return mode
+
+
+def _parse_consumers(t: _Table, redis_cfg: RedisConfig) -> ConsumersConfig:
+    interval = t.number("interval", ConsumersConfig.interval, minimum=0.0)
+    t.finish()
+    if 0 < interval < 0.1:
+        raise ConfigError(f"{t.key('interval')}: at least 0.1 seconds (0 turns the monitor off)")
+    if interval == 0 and redis_cfg.retention == "acked":
+        raise ConfigError(
+            f"{t.key('interval')} = 0 turns off the monitor that trims streams under "
+            'redis.retention = "acked": set an interval, or use retention = "maxlen"'
+        )
+    return ConsumersConfig(interval=interval)
 
 
 def _parse_spool(t: _Table, environ: Mapping[str, str]) -> SpoolConfig:

@@ -5,6 +5,7 @@ Threads and their owner (this object):
     discovery         polls [[discovery]] listings (discovery.DiscoveryPoller)
     redis-writer      drains the spool into Redis (sink.RedisWriter)
     http              /metrics /healthz /readyz /status (http.HttpServer)
+    consumers         stream and consumer-group metrics, retention "acked" (consumers.StreamMonitor)
 The main thread only waits on `stop_event` and watches the others.
 """
 
@@ -26,14 +27,17 @@ import redis
 from forwarder import __version__
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
 from forwarder.config import Config, Subscription, redact_url
+from forwarder.consumers import ConsumerCollector, build_monitor
 from forwarder.desired import desired, plan, removed_gap
 from forwarder.discovery import DiscoveryCollector, DiscoveryPoller, Fetcher
 from forwarder.errors import ConfigError, ExitCode
 from forwarder.http import HttpServer
 from forwarder.listing import fetch_listing
+from forwarder.logs import redact
 from forwarder.metrics import ForwarderCollector, build_registry, source_labelled
 from forwarder.notify import Notifier, format_status
 from forwarder.problems import HealthPolicy, ProblemFinder
+from forwarder.retention import writer_config
 from forwarder.sink import IDLE_PING_SECONDS, RedisWriter, make_client
 from forwarder.spool import DiskSpool, Route, entry_size
 from forwarder.stats import State, SubscriptionStats, WriterStats
@@ -106,7 +110,20 @@ class Forwarder:
         self._limiter = AttemptLimiter(CONNECT_RATE, CONNECT_BURST)
         self.subscribers = [self._subscriber(i, sub) for i, sub in enumerate(subscriptions)]
         self.writer = RedisWriter(
-            self.client, self.spool, self.stats, self.writer_stats, config.redis, rand
+            self.client,
+            self.spool,
+            self.stats,
+            self.writer_stats,
+            writer_config(config.redis),
+            rand,
+        )
+        self.consumers = build_monitor(
+            config,
+            self.client,
+            lambda: [route.stream for route in list(self.spool.routes)],
+            self.writer_stats,
+            lambda: self.spool.pending()[0],
+            stale_after=REDIS_READY_AGE,
         )
         # One judgement of "unhealthy" for /metrics and /status (problems.py).
         self.problems = ProblemFinder(
@@ -139,6 +156,7 @@ class Forwarder:
             self._started_at,
             sections={"discovery": self.discovery.status},
         )
+        self.registry.register(ConsumerCollector(self.consumers))
         self.http = HttpServer(
             config.metrics.host,
             config.metrics.port,
@@ -224,14 +242,16 @@ class Forwarder:
             self.notifier.ready()
             return False
         old = self.config
-        for name in ("redis", "metrics", "spool"):
+        for name in ("redis", "metrics", "spool", "consumers"):
             if getattr(old, name) != getattr(new, name):
                 log.warning("reload: [%s] changed; that takes effect after a restart", name)
         logging.getLogger().setLevel(new.log_level)
         with self._apply_lock:
             self.discovery.reconfigure(new.discovery)
             kept, started, stopped = self._apply(new, "removed from the configuration by a reload")
-            self.config = replace(new, redis=old.redis, metrics=old.metrics, spool=old.spool)
+            self.config = replace(
+                new, redis=old.redis, metrics=old.metrics, spool=old.spool, consumers=old.consumers
+            )
         log.info(
             "reloaded %s: %d subscriptions kept, %d started, %d stopped",
             new.path or "the configuration",
@@ -305,6 +325,7 @@ class Forwarder:
         self.http.start()
         self.spool.start()
         self.writer.start()
+        self.consumers.start()
         for subscriber in self.subscribers:
             subscriber.start()
         self.discovery.start()  # the first poll at once: instances subscribe within it
@@ -332,6 +353,8 @@ class Forwarder:
         self.discovery.join(0.5)
         with self._apply_lock:
             pass
+        # 0b. Consumer-group monitor: no new rounds, so the drain below has Redis to itself.
+        self.consumers.stop()
         # 1. Subscriptions: send close frames and keep reading until the server echoes them,
         #    so frames already in flight are still spooled.
         for subscriber in self.subscribers:
@@ -348,6 +371,7 @@ class Forwarder:
         #    does not take in time stays in the spool for the next start.
         self.writer.stop(deadline - 0.5)
         self.writer.join(max(0.1, deadline - time.monotonic()))
+        self.consumers.join(max(0.1, min(1.0, deadline - time.monotonic())))
         # 4. Spool: fsync, save the cursor, release the directory lock.
         self.spool.close()
         pending, _ = self.spool.pending()
@@ -396,6 +420,8 @@ class Forwarder:
             failed.append("redis-writer")
         if self.discovery.failed is not None:
             failed.append("discovery")
+        if self.consumers.failed is not None:
+            failed.append("consumers")
         return failed
 
     # -- health, readiness, status (called from HTTP threads) --------------------------------
@@ -407,6 +433,8 @@ class Forwarder:
             dead += [s.name for s in self.subscribers if not s.is_alive()]
             if not self.writer.is_alive():
                 dead.append("redis-writer")
+            if not self.consumers.is_alive():
+                dead.append("consumers")
         return not dead, {"healthy": not dead, "dead_threads": sorted(set(dead))}
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -429,11 +457,13 @@ class Forwarder:
         # Until each [[discovery]] table has had one believed listing we do not know what to
         # subscribe to; later failures keep the last set running (the alert rule covers them).
         waiting = self.discovery.never_listed()
-        ok = redis_ok and enough and not waiting and not self._stopping
+        consumers_ok, consumers_error = self.consumers.readiness()
+        ok = redis_ok and enough and not waiting and consumers_ok and not self._stopping
         return ok, {
             "ready": ok,
             "redis_ok": redis_ok,
             "discovery_waiting_for_first_listing": waiting,
+            "consumers_error": redact(consumers_error) if consumers_error else None,
             "connected": connected,
             "subscriptions": total,
             "min_connected_ratio": self.config.metrics.ready_min_connected,
