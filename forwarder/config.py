@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import ssl
 import string
 import tomllib
 from collections.abc import Mapping
@@ -19,8 +18,11 @@ from pathlib import Path
 from typing import Any, TypedDict
 from urllib.parse import parse_qsl, urlsplit
 
-from forwarder.errors import ConfigError
+from forwarder.errors import ConfigError, TLSFileError
 from forwarder.events import ALLOWED_EVENTS, REFUSED_EVENTS, SENT_EVENTS
+from forwarder.logs import redact
+from forwarder.tls import client_context
+from forwarder.tokens import is_jwt
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9108"
@@ -30,7 +32,6 @@ DEFAULT_GAP_STREAM = "forwarder:gaps"
 ENV_SOURCE_NAME = "default"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_JWT_RE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 
 
 class Secret:
@@ -85,7 +86,7 @@ class TokenRef:
 def _check_token(text: str, origin: str) -> Secret:
     if not text:
         raise ConfigError(f"{origin}: the token is empty")
-    if not _JWT_RE.match(text):
+    if not is_jwt(text):
         raise ConfigError(
             f"{origin}: the token is not a JWT (three base64url parts separated by dots); "
             "the upstream rejects anything else with HTTP 401"
@@ -283,13 +284,12 @@ def _tls_paths(
     }
 
 
-_TOKEN_QUERY_RE = re.compile(r"(?i)(token=)[^&\s\"']+")
-_URL_PASSWORD_RE = re.compile(r"(://[^:/@\s]*:)[^@/\s]+(@)")
-
-
 def redact_url(url: str) -> str:
-    """Hide a `token=` query value and a URL password (redis://user:pass@host)."""
-    return _URL_PASSWORD_RE.sub(r"\1***\2", _TOKEN_QUERY_RE.sub(r"\1***", url))
+    """Hide a `token=` query value, a JWT and a URL password (redis://user:pass@host).
+
+    The one set of redaction rules is `logs.redact`; this name is what messages about URLs use.
+    """
+    return redact(url)
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
@@ -587,15 +587,6 @@ def _check_redis_tls(cfg: RedisConfig) -> None:
             )
 
 
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> bytes:
-    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase.
-    raise _EncryptedKey
-
-
 class _TLSFiles(TypedDict):
     ca_file: Path | None
     client_cert: Path | None
@@ -603,52 +594,29 @@ class _TLSFiles(TypedDict):
 
 
 def _parse_tls(t: _Table) -> _TLSFiles:
-    """`ca_file`, `client_cert`, `client_key` of a table, checked readable and loadable now,
-    so a bad file is a ConfigError naming the key rather than a failure at the first connect."""
-    ca_file = _readable_path(t, "ca_file")
-    cert = _readable_path(t, "client_cert")
-    key = _readable_path(t, "client_key")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if ca_file is not None:
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"{t.key('ca_file')}: {ca_file} holds no usable PEM CA certificate ({exc})"
-            ) from None
+    """`ca_file`, `client_cert`, `client_key` of a table, checked readable and loadable now
+    (by building the context a connection would use), so a bad file is a ConfigError naming
+    the key rather than a failure at the first connect."""
+    ca_file = _tls_path(t, "ca_file")
+    cert = _tls_path(t, "client_cert")
+    key = _tls_path(t, "client_key")
     if key is not None and cert is None:
         raise ConfigError(f"{t.key('client_key')}: set client_cert too (the key's certificate)")
-    if cert is not None:
+    if ca_file is not None or cert is not None:
         try:
-            context.load_cert_chain(cert, key, password=_no_password)
-        except _EncryptedKey:
-            raise ConfigError(
-                f"{t.key('client_key' if key else 'client_cert')}: the private key is "
-                "encrypted; forwarder cannot ask for a passphrase: store it unencrypted, "
-                "readable only by the service (e.g. as a systemd credential)"
-            ) from None
-        except ssl.SSLError as exc:
-            hint = "" if key else "; if the key is in a separate file, set client_key"
-            raise ConfigError(
-                f"{t.key('client_cert')}: cannot load a PEM certificate and its private key "
-                f"from {cert}{f' and {key}' if key else ''} ({exc}){hint}"
-            ) from None
+            client_context(ca_file, cert, key)
+        except TLSFileError as exc:
+            raise ConfigError(f"{t.key(exc.setting)}: {exc}") from None
     return _TLSFiles(ca_file=ca_file, client_cert=cert, client_key=key)
 
 
-def _readable_path(t: _Table, key: str) -> Path | None:
+def _tls_path(t: _Table, key: str) -> Path | None:
     value = t.optional_string(key)
     if value is None:
         return None
     if not value:
         raise ConfigError(f"{t.key(key)}: an empty path")
-    path = Path(value)
-    try:
-        with path.open("rb") as fh:
-            fh.read(1)
-    except OSError as exc:
-        raise ConfigError(f"{t.key(key)}: cannot read {path}: {exc.strerror}") from None
-    return path
+    return Path(value)
 
 
 def _check_unique(config: Config) -> None:
