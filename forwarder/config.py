@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, TypedDict
 from urllib.parse import parse_qsl, urlsplit
 
-from forwarder.errors import ConfigError, TLSFileError
+from forwarder.errors import ConfigError, TLSFileError, UnreadableFile
 from forwarder.events import ALLOWED_EVENTS, REFUSED_EVENTS, SENT_EVENTS
+from forwarder.files import read_regular_file
 from forwarder.logs import redact
 from forwarder.tls import client_context
 from forwarder.tokens import is_jwt
@@ -32,6 +33,8 @@ DEFAULT_GAP_STREAM = "forwarder:gaps"
 ENV_SOURCE_NAME = "default"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+CONFIG_FILE_LIMIT = 16 * 1024 * 1024  # bytes
+TOKEN_FILE_LIMIT = 64 * 1024  # bytes; a JWT is a few hundred
 
 
 class Secret:
@@ -76,9 +79,9 @@ class TokenRef:
             return self.value
         assert self.file is not None
         try:
-            text = self.file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            text = read_regular_file(self.file, TOKEN_FILE_LIMIT).decode("utf-8").strip()
+        except (UnreadableFile, UnicodeDecodeError) as exc:
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
             raise ConfigError(f"{self.origin}: cannot read token file: {reason}") from None
         return _check_token(text, self.origin)
 
@@ -319,10 +322,11 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     file_path: Path | None = None
     if chosen is not None:
         file_path = Path(chosen)
+        origin = str(file_path) if path is not None else f"FORWARDER_CONFIG {file_path}"
         try:
-            raw = file_path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{file_path}: cannot read configuration: {exc.strerror}") from None
+            raw = read_regular_file(file_path, CONFIG_FILE_LIMIT)
+        except UnreadableFile as exc:
+            raise ConfigError(f"{origin}: cannot read configuration: {exc}") from None
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:

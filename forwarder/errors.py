@@ -5,6 +5,7 @@ leave our wrapper code, with a message that never contains the token.
 
     ForwarderError
     ├── ConfigError            invalid configuration or unreadable secret
+    ├── UnreadableFile         a file the configuration names cannot be used (files.py)
     ├── TLSFileError           a TLS file does not load; names the setting (tls.py)
     ├── SubscriberError        one WebSocket connection failed
     │   ├── HandshakeRejected  the upgrade was answered with an HTTP status (401, 5xx…)
@@ -33,6 +34,13 @@ class ForwarderError(Exception):
 
 class ConfigError(ForwarderError):
     """The configuration or a secret it names is invalid; the message says which key and why."""
+
+
+class UnreadableFile(ForwarderError):
+    """A file the configuration names is missing, unreadable, too large or not a regular file.
+
+    The message says why (never what the file holds); the caller adds which setting named it.
+    """
 
 
 class TLSFileError(ForwarderError):

@@ -14,10 +14,13 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from forwarder.errors import ConnectFailed, TLSFileError
+from forwarder.errors import ConnectFailed, TLSFileError, UnreadableFile
+from forwarder.files import read_regular_file
 
 if TYPE_CHECKING:
     from forwarder.config import SourceConfig
+
+TLS_FILE_LIMIT = 1024 * 1024  # bytes; a CA bundle is ~200 KiB, a certificate a few KiB
 
 
 class _EncryptedKey(Exception):
@@ -35,7 +38,8 @@ def client_context(
     """A client context: TLS 1.2 or later, the server's certificate and host name verified
     against `ca_file` (default: the system trust store), and the client certificate if set.
 
-    Raises TLSFileError naming the setting whose file cannot be used, with the reason.
+    Reads only regular files (see files.py). Raises TLSFileError naming the setting whose
+    file cannot be used, with the reason.
     """
     for setting, path in (
         ("ca_file", ca_file),
@@ -44,10 +48,9 @@ def client_context(
     ):
         if path is not None:
             try:
-                with path.open("rb") as fh:
-                    fh.read(1)
-            except OSError as exc:
-                raise TLSFileError(setting, f"cannot read {path}: {exc.strerror}") from None
+                read_regular_file(path, TLS_FILE_LIMIT)
+            except UnreadableFile as exc:
+                raise TLSFileError(setting, f"cannot read {path}: {exc}") from None
     try:
         context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -130,3 +135,66 @@ def test_redacted_view_hides_every_secret(tmp_path: Path) -> None:
     text = repr(load_config(path, {}).redacted()) + repr(load_config(path, {}))
     assert TOKEN not in text
     assert "hunter2" not in text
+
+
+def outcome_within(call: Callable[[], object], fifo_dir: Path, seconds: float = 10.0) -> object:
+    """Run `call` in a thread: what it returned or raised; fail the test if it is still blocked
+    after `seconds` (then release it by opening the FIFOs in `fifo_dir` for writing)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for path in fifo_dir.iterdir():  # a blocked reader sees EOF once a writer came and went
+            if stat.S_ISFIFO(path.stat().st_mode):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        raise AssertionError(f"still blocked after {seconds} s")
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    ("setting", "extra", "message"),
+    [
+        ("config", "", "FIFO: cannot read configuration: "),
+        ("token_file", "", "sources[0].token_file TOKEN: cannot read token file: "),
+        ("ca_file", 'ca_file = "FIFO"\n', "sources[0].ca_file: cannot read FIFO: "),
+        ("client_cert", 'client_cert = "FIFO"\n', "sources[0].client_cert: cannot read FIFO: "),
+    ],
+)
+def test_a_named_pipe_is_refused_at_once_wherever_a_file_is_expected(
+    tmp_path: Path, setting: str, extra: str, message: str
+) -> None:
+    """A FIFO as configuration, token or TLS file is a config error naming it, never a hang."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    path = write(tmp_path, SOURCE.replace("ws://", "wss://") + extra.replace("FIFO", str(fifo)))
+    token = tmp_path / "token"
+    if setting == "token_file":
+        token.unlink()
+        os.mkfifo(token)
+    if setting == "config":
+        path = fifo
+    error = outcome_within(lambda: load_config(path, {}), tmp_path)
+    assert isinstance(error, ConfigError)
+    expected = message.replace("FIFO", str(fifo)).replace("TOKEN", str(token))
+    assert str(error) == expected + "not a regular file (a named pipe)"
+
+
+def test_a_token_file_that_becomes_a_pipe_fails_the_next_read_without_blocking(
+    tmp_path: Path,
+) -> None:
+    """The token is re-read before every connection: a FIFO then fails that attempt at once."""
+    config = load_config(write(tmp_path, SOURCE), {})
+    (tmp_path / "token").unlink()
+    os.mkfifo(tmp_path / "token")
+    error = outcome_within(config.sources[0].token.read, tmp_path)
+    assert isinstance(error, ConfigError)
+    assert "cannot read token file: not a regular file (a named pipe)" in str(error)
