@@ -7,6 +7,7 @@ the offending key and the reason, and never contains a secret.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -16,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypedDict
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlsplit
 
 from forwarder.errors import ConfigError, TLSFileError, UnreadableFile
 from forwarder.events import ALLOWED_EVENTS, REFUSED_EVENTS, SENT_EVENTS
@@ -31,6 +32,8 @@ DEFAULT_STREAM = "{event}"
 DEFAULT_DEAD_LETTER = "{stream}:dlq"
 DEFAULT_GAP_STREAM = "forwarder:gaps"
 ENV_SOURCE_NAME = "default"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+UPSTREAM_PATH = "/ws/events"  # the only path the upstream serves the feed on
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CONFIG_FILE_LIMIT = 16 * 1024 * 1024  # bytes
@@ -221,6 +224,27 @@ class Config:
                 subs.append(Subscription(source, event, stream, dlq))
         return subs
 
+    def warnings(self) -> list[str]:
+        """Settings that are allowed but rarely meant: `run` logs each at WARNING and
+        `check-config` prints them."""
+        notes = []
+        if not _is_loopback(self.metrics.host):
+            notes.append(
+                f"the metrics endpoint listens on {self.metrics.listen!r}: /metrics, /status, "
+                "/healthz and /readyz are then reachable from the network, without "
+                "authentication (they show sources, streams and error texts, never tokens); "
+                "bind 127.0.0.1 unless a scraper elsewhere needs it, and firewall the port"
+            )
+        for source in self.sources:
+            path = urlsplit(source.url).path
+            if path != UPSTREAM_PATH:
+                notes.append(
+                    f"source {source.name!r}: the URL's path is {path!r}, but the upstream "
+                    f"serves the feed only at {UPSTREAM_PATH} and answers any other path with "
+                    "HTTP 401 (ignore this if a reverse proxy maps the path)"
+                )
+        return notes
+
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, with every secret replaced by ***."""
         return {
@@ -295,15 +319,47 @@ def redact_url(url: str) -> str:
     return redact(url)
 
 
-def _split_listen(listen: str) -> tuple[str, int]:
+def _split_listen(listen: str, where: str = "metrics.listen") -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"metrics.listen: expected HOST:PORT, got {listen!r}")
-    host = host.strip("[]") or "127.0.0.1"
+    if not sep or not _DIGITS_RE.match(port):
+        raise ConfigError(f"{where}: expected HOST:PORT, got {listen!r}")
+    bracketed = host.startswith("[") and host.endswith("]")
+    host = (host[1:-1] if bracketed else host) or "127.0.0.1"
+    if not _valid_host(host) or (":" in host and not bracketed):
+        raise ConfigError(
+            f"{where}: {host!r} is not a host name or IP address (an IPv6 address goes in "
+            "brackets: [::1]:9108)"
+        )
     number = int(port)
-    if not 0 <= number <= 65535:
-        raise ConfigError(f"metrics.listen: port {number} is out of range")
+    if number > 65535:
+        raise ConfigError(f"{where}: port {number} is out of range (0-65535; 0 picks a free one)")
     return host, number
+
+
+_DIGITS_RE = re.compile(r"^[0-9]{1,10}$")
+# A DNS name (underscores allowed: container and compose service names use them).
+_HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
+)
+
+
+def _valid_host(host: str) -> bool:
+    """An IP address or a DNS name; what a socket can be asked to connect to or bind."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return _HOSTNAME_RE.match(host) is not None
+    return True
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name that may resolve to any interface
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,12 +400,18 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     log_level = reader.string("log_level", "INFO").upper()
     reader.finish()
 
+    # Each value is checked under the name of whatever supplied it: the file's key or the
+    # environment variable that overrides it.
+    redis_where, listen_where, level_where = "redis.url", "metrics.listen", "log_level"
     if "FORWARDER_REDIS_URL" in environ:
         redis_cfg = replace(redis_cfg, url=environ["FORWARDER_REDIS_URL"])
+        redis_where = "FORWARDER_REDIS_URL"
     if "FORWARDER_METRICS_LISTEN" in environ:
         metrics_cfg = replace(metrics_cfg, listen=environ["FORWARDER_METRICS_LISTEN"])
+        listen_where = "FORWARDER_METRICS_LISTEN"
     if "FORWARDER_LOG_LEVEL" in environ:
         log_level = environ["FORWARDER_LOG_LEVEL"].upper()
+        level_where = "FORWARDER_LOG_LEVEL"
     if environ.get("FORWARDER_URL"):
         if sources:
             raise ConfigError(
@@ -365,11 +427,13 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
             "no sources configured: pass --config FILE (or FORWARDER_CONFIG) with [[sources]], "
             "or set FORWARDER_URL, FORWARDER_TOKEN and optionally FORWARDER_EVENTS"
         )
-    _check_redis_url(redis_cfg.url)
+    _check_redis_url(redis_cfg.url, redis_where)
     _check_redis_tls(redis_cfg)
-    metrics_cfg.port  # noqa: B018 - validates listen
-    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    _split_listen(metrics_cfg.listen, listen_where)
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(
+            f"{level_where}: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
+        )
 
     config = Config(
         sources=tuple(sources),
@@ -404,6 +468,9 @@ def _parse_redis(t: _Table) -> RedisConfig:
 def _parse_spool(t: _Table, environ: Mapping[str, str]) -> SpoolConfig:
     default = SpoolConfig()
     directory = environ.get("FORWARDER_SPOOL_DIR") or t.optional_string("dir")
+    if directory and Path(directory).exists() and not Path(directory).is_dir():
+        where = "FORWARDER_SPOOL_DIR" if environ.get("FORWARDER_SPOOL_DIR") else t.key("dir")
+        raise ConfigError(f"{where}: {directory} exists and is not a directory")
     cfg = SpoolConfig(
         dir=Path(directory) if directory else default_spool_dir(environ),
         max_bytes=t.integer("max_bytes", default.max_bytes, minimum=1024 * 1024)
@@ -556,27 +623,100 @@ def _check_template(template: str, allowed: set[str], where: str) -> None:
 
 
 def _check_ws_url(url: str, where: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in {"ws", "wss"} or not parts.hostname:
-        raise ConfigError(f"{where}: expected a ws:// or wss:// URL, got {redact_url(url)!r}")
-    if parts.query:
+    """Every part of a source URL, so that a mistake is an error naming `where` now rather
+    than a traceback in a subscriber or an endless series of 401s blamed on the token."""
+    shown = redact_url(url)
+    parts = _split_url(url, where)
+    if parts.scheme not in {"ws", "wss"}:
+        raise ConfigError(f"{where}: expected a ws:// or wss:// URL, got {shown!r}")
+    if "#" in url:
+        raise ConfigError(
+            f"{where}: remove the '#' part: forwarder appends ?event=...&token=... to the URL, "
+            "and whatever follows a '#' is never sent, so the upstream would see neither and "
+            "answer every connection with HTTP 401"
+        )
+    if "?" in url:
         raise ConfigError(
             f"{where}: put no query in the URL (event and token are added per subscription; "
             "a token in the URL would leak into logs)"
         )
-
-
-def _check_redis_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in {"redis", "rediss", "unix"}:
+    if "@" in parts.netloc:
         raise ConfigError(
-            f"redis.url: expected redis://, rediss:// or unix://, got {redact_url(url)!r}"
+            f"{where}: remove the 'user@' part: the upstream authenticates with the token "
+            "alone (token_file or token_env), and a password in a URL would end up in logs"
         )
-    if any(name.lower().startswith("ssl") for name, _ in parse_qsl(parts.query)):
-        # redis-py lets URL options override ours, e.g. ?ssl_cert_reqs=none.
+    _check_host_port(parts, url, where)
+    if not parts.path:
         raise ConfigError(
-            "redis.url: no ssl_* options in the URL: set redis.ca_file, redis.client_cert and "
-            "redis.client_key; certificate and host name verification are always on"
+            f"{where}: the URL has no path; the upstream serves the event feed at "
+            f"{UPSTREAM_PATH}, e.g. ws://HOST:8084{UPSTREAM_PATH}"
+        )
+
+
+def _split_url(url: str, where: str) -> SplitResult:
+    try:
+        return urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced '[' around an IPv6 address
+        raise ConfigError(f"{where}: not a valid URL ({exc}): {redact_url(url)!r}") from None
+
+
+def _check_host_port(parts: SplitResult, url: str, where: str) -> None:
+    """The host is a name or an IP address, the port (if any) a number from 1 to 65535."""
+    host = parts.hostname
+    if not host:
+        raise ConfigError(f"{where}: the URL has no host: {redact_url(url)!r}")
+    if not _valid_host(host):
+        raise ConfigError(
+            f"{where}: {host!r} is not a host name or IP address (an IPv6 address goes in "
+            "brackets, a non-ASCII name in its xn-- form)"
+        )
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or beyond 65535
+        port = 0
+    if port == 0 or (port is None and parts.netloc.rstrip("]").endswith(":")):
+        raw = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
+        raise ConfigError(f"{where}: the port must be a number from 1 to 65535, got {raw!r}")
+
+
+# redis-py reads options from the URL's query and lets them override its arguments (so
+# ?socket_timeout= would undo ours); unknown ones fail only when the first connection is made.
+_REDIS_URL_OPTIONS = ("db", "client_name")
+
+
+def _check_redis_url(url: str, where: str = "redis.url") -> None:
+    shown = redact_url(url)
+    parts = _split_url(url, where)
+    if parts.scheme not in {"redis", "rediss", "unix"}:
+        raise ConfigError(f"{where}: expected redis://, rediss:// or unix://, got {shown!r}")
+    if "#" in url:
+        raise ConfigError(
+            f"{where}: remove the '#' part (redis-py ignores it; in a password write # as %23)"
+        )
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name.lower().startswith("ssl"):
+            raise ConfigError(
+                f"{where}: no ssl_* options in the URL: set redis.ca_file, redis.client_cert "
+                "and redis.client_key; certificate and host name verification are always on"
+            )
+        if name not in _REDIS_URL_OPTIONS:
+            raise ConfigError(
+                f"{where}: unknown option {name!r} in the URL: only db and client_name are "
+                "read there; timeouts, retries and TLS are [redis] settings"
+            )
+        if name == "db" and not _DIGITS_RE.match(value):
+            raise ConfigError(f"{where}: db must be a database number, got {value!r}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(
+                f"{where}: a unix:// URL needs the socket's path, e.g. "
+                "unix:///run/redis/redis.sock?db=0"
+            )
+        return
+    _check_host_port(parts, url, where)
+    if parts.path not in {"", "/"} and not _DIGITS_RE.match(parts.path[1:]):
+        raise ConfigError(
+            f"{where}: the path is the database number (redis://HOST:6379/0), got {parts.path!r}"
         )
 
 
