@@ -427,7 +427,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
             "no sources configured: pass --config FILE (or FORWARDER_CONFIG) with [[sources]], "
             "or set FORWARDER_URL, FORWARDER_TOKEN and optionally FORWARDER_EVENTS"
         )
-    _check_redis_url(redis_cfg.url, redis_where)
+    check_redis_url(redis_cfg.url, redis_where)
     _check_redis_tls(redis_cfg)
     _split_listen(metrics_cfg.listen, listen_where)
     if log_level not in LOG_LEVELS:
@@ -684,7 +684,9 @@ def _check_host_port(parts: SplitResult, url: str, where: str) -> None:
 _REDIS_URL_OPTIONS = ("db", "client_name")
 
 
-def _check_redis_url(url: str, where: str = "redis.url") -> None:
+def check_redis_url(url: str, where: str = "redis.url") -> None:
+    """Raise ConfigError (naming `where`, without the password) unless `url` is a Redis URL
+    forwarder can use; also used for `forwarder watch --redis-url`."""
     shown = redact_url(url)
     parts = _split_url(url, where)
     if parts.scheme not in {"redis", "rediss", "unix"}:
