@@ -2,7 +2,7 @@
 
 websocket-client performs the handshake (TLS, proxies, the 101 check); after it we read the
 socket ourselves in large chunks through `FrameParser`. We do not use `run_forever`: its
-reconnect mode hides close codes and errors (library-pitfalls.md section 1.1), its callbacks
+reconnect mode hides close codes and errors (docs/library-notes.md section 1.1), its callbacks
 swallow exceptions, and it has no frame size limit.
 
 The reader never waits on Redis: frames go to the spool and the loop returns to `recv`. The
@@ -11,7 +11,7 @@ give up when neither a pong nor any other byte arrives within `ping_timeout`.
 
 Displacement. The upstream keeps one connection per (instance, event) and a newer one takes
 the feed without telling the older, which stays open and receives nothing
-(upstream-protocol.md section 5). Pings cannot see that, so a silence watchdog does: no data
+(docs/upstream.md section 5). Pings cannot see that, so a silence watchdog does: no data
 frame for `silence_timeout` triggers a make-before-break re-subscribe. We open the new
 connection B while the old one A is still open (B takes the feed at once), send a close frame
 on A and keep reading A until its close echo, EOF or a short deadline (spooling every data
