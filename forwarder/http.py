@@ -78,8 +78,11 @@ class _Server(ThreadingMixIn, WSGIServer):
         try:
             request.setblocking(False)  # the accepting thread never waits on a client
             request.send(_BUSY)
+            # Read what already arrived (a request): closing with unread data would answer
+            # with a reset, which can make the client lose the 503.
+            request.recv(65536)
         except OSError:
-            pass  # a full or reset socket: closing it is answer enough
+            pass  # nothing to read, or a full or reset socket: closing it is answer enough
         self.shutdown_request(request)
         self._refused += 1
         now = time.monotonic()
