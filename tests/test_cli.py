@@ -380,3 +380,22 @@ def test_a_signal_as_soon_as_the_process_can_catch_it_is_handled(
         proc.kill()
         _, err = proc.communicate()
     assert "Traceback" not in err
+
+
+def test_run_logs_the_warnings_of_the_configuration(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    """`run` with listen = "0.0.0.0:…" logs a WARNING that the endpoint is network-wide."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["call.upsert"])
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:', 'listen = "0.0.0.0:'))
+    # Stopped while starting (see above), so the port is never opened beyond loopback.
+    argv = [str(int(signal.SIGTERM)), "run", "--config", str(config)]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_LOADING, *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert "WARNING forwarder: the metrics endpoint listens on '0.0.0.0:" in proc.stderr
