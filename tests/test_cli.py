@@ -284,8 +284,9 @@ def test_check_config_prints_warnings_for_a_network_wide_metrics_port(
 
 # -- signals during start-up ---------------------------------------------------------------
 
-# Runs `forwarder` with the signal argv[1] sent to itself the moment load_config is entered:
-# a deterministic stand-in for `systemctl stop`/`reload` arriving while it starts.
+# Runs `forwarder` with the signals argv[1] (comma-separated numbers) sent to itself the
+# moment load_config is entered: a deterministic stand-in for `systemctl stop`/`reload`
+# arriving while it starts.
 SIGNAL_WHILE_LOADING = """
 import os, sys
 import forwarder.config
@@ -293,7 +294,8 @@ real, fired = forwarder.config.load_config, []
 def load_config(path, environ):
     if not fired:
         fired.append(True)
-        os.kill(os.getpid(), int(sys.argv[1]))
+        for signum in sys.argv[1].split(","):
+            os.kill(os.getpid(), int(signum))
     return real(path, environ)
 forwarder.config.load_config = load_config
 from forwarder.cli import main
@@ -328,6 +330,24 @@ def test_a_stop_signal_while_starting_exits_0_without_connecting(
     assert "stop requested while starting: exiting without connecting" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert simulator.stats()["connections_total"] == 0  # nobody's upstream slot was taken
+
+
+def test_a_second_stop_signal_while_starting_exits_at_once(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    """Two SIGTERMs while starting: the immediate exit (130) a second signal always means."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["call.upsert"])
+    twice = f"{int(signal.SIGTERM)},{int(signal.SIGTERM)}"
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_LOADING, twice, "run", "--config", str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == ExitCode.FORCED, proc.stderr
+    assert "second signal, exiting at once" in proc.stderr
+    assert simulator.stats()["connections_total"] == 0
 
 
 def test_a_sighup_while_starting_is_a_reload_once_running(
