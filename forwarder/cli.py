@@ -131,7 +131,7 @@ def _http_url(text: str) -> str:
 def _redis_url(text: str) -> str:
     import argparse
 
-    from forwarder.config import check_redis_url
+    from forwarder.addresses import check_redis_url
     from forwarder.errors import ConfigError
 
     try:

@@ -7,7 +7,6 @@ the offending key and the reason, and never contains a secret.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import re
@@ -17,8 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypedDict
-from urllib.parse import SplitResult, parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
+from forwarder.addresses import (
+    UPSTREAM_PATH,
+    check_redis_url,
+    check_ws_url,
+    is_loopback,
+    split_listen,
+)
 from forwarder.errors import ConfigError, TLSFileError, UnreadableFile
 from forwarder.events import ALLOWED_EVENTS, REFUSED_EVENTS, SENT_EVENTS
 from forwarder.files import read_regular_file
@@ -33,7 +39,6 @@ DEFAULT_DEAD_LETTER = "{stream}:dlq"
 DEFAULT_GAP_STREAM = "forwarder:gaps"
 ENV_SOURCE_NAME = "default"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-UPSTREAM_PATH = "/ws/events"  # the only path the upstream serves the feed on
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 CONFIG_FILE_LIMIT = 16 * 1024 * 1024  # bytes
@@ -169,11 +174,11 @@ class MetricsConfig:
 
     @property
     def host(self) -> str:
-        return _split_listen(self.listen)[0]
+        return split_listen(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return _split_listen(self.listen)[1]
+        return split_listen(self.listen)[1]
 
 
 @dataclass(frozen=True)
@@ -228,7 +233,7 @@ class Config:
         """Settings that are allowed but rarely meant: `run` logs each at WARNING and
         `check-config` prints them."""
         notes = []
-        if not _is_loopback(self.metrics.host):
+        if not is_loopback(self.metrics.host):
             notes.append(
                 f"the metrics endpoint listens on {self.metrics.listen!r}: /metrics, /status, "
                 "/healthz and /readyz are then reachable from the network, without "
@@ -319,49 +324,6 @@ def redact_url(url: str) -> str:
     return redact(url)
 
 
-def _split_listen(listen: str, where: str = "metrics.listen") -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not _DIGITS_RE.match(port):
-        raise ConfigError(f"{where}: expected HOST:PORT, got {listen!r}")
-    bracketed = host.startswith("[") and host.endswith("]")
-    host = (host[1:-1] if bracketed else host) or "127.0.0.1"
-    if not _valid_host(host) or (":" in host and not bracketed):
-        raise ConfigError(
-            f"{where}: {host!r} is not a host name or IP address (an IPv6 address goes in "
-            "brackets: [::1]:9108)"
-        )
-    number = int(port)
-    if number > 65535:
-        raise ConfigError(f"{where}: port {number} is out of range (0-65535; 0 picks a free one)")
-    return host, number
-
-
-_DIGITS_RE = re.compile(r"^[0-9]{1,10}$")
-# A DNS name (underscores allowed: container and compose service names use them).
-_HOSTNAME_RE = re.compile(
-    r"^(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
-    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
-)
-
-
-def _valid_host(host: str) -> bool:
-    """An IP address or a DNS name; what a socket can be asked to connect to or bind."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return _HOSTNAME_RE.match(host) is not None
-    return True
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name that may resolve to any interface
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading and validation
 
@@ -429,7 +391,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
         )
     check_redis_url(redis_cfg.url, redis_where)
     _check_redis_tls(redis_cfg)
-    _split_listen(metrics_cfg.listen, listen_where)
+    split_listen(metrics_cfg.listen, listen_where)
     if log_level not in LOG_LEVELS:
         raise ConfigError(
             f"{level_where}: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
@@ -510,7 +472,7 @@ def _parse_source(t: _Table, environ: Mapping[str, str]) -> SourceConfig:
             f"{t.key('name')}: {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
         )
     url = t.string("url", None)
-    _check_ws_url(url, t.key("url"))
+    check_ws_url(url, t.key("url"))
     tls = _parse_tls(t)
     if urlsplit(url).scheme != "wss":
         for key, path in tls.items():
@@ -572,7 +534,7 @@ def _parse_source(t: _Table, environ: Mapping[str, str]) -> SourceConfig:
 
 def _env_source(environ: Mapping[str, str]) -> SourceConfig:
     url = environ["FORWARDER_URL"]
-    _check_ws_url(url, "FORWARDER_URL")
+    check_ws_url(url, "FORWARDER_URL")
     if "FORWARDER_TOKEN" not in environ:
         raise ConfigError("FORWARDER_URL is set but FORWARDER_TOKEN is not")
     token = TokenRef(
@@ -620,106 +582,6 @@ def _check_template(template: str, allowed: set[str], where: str) -> None:
             raise ConfigError(f"{where}: unknown placeholder {{{name}}}; allowed: {names}")
     if not template:
         raise ConfigError(f"{where}: empty")
-
-
-def _check_ws_url(url: str, where: str) -> None:
-    """Every part of a source URL, so that a mistake is an error naming `where` now rather
-    than a traceback in a subscriber or an endless series of 401s blamed on the token."""
-    shown = redact_url(url)
-    parts = _split_url(url, where)
-    if parts.scheme not in {"ws", "wss"}:
-        raise ConfigError(f"{where}: expected a ws:// or wss:// URL, got {shown!r}")
-    if "#" in url:
-        raise ConfigError(
-            f"{where}: remove the '#' part: forwarder appends ?event=...&token=... to the URL, "
-            "and whatever follows a '#' is never sent, so the upstream would see neither and "
-            "answer every connection with HTTP 401"
-        )
-    if "?" in url:
-        raise ConfigError(
-            f"{where}: put no query in the URL (event and token are added per subscription; "
-            "a token in the URL would leak into logs)"
-        )
-    if "@" in parts.netloc:
-        raise ConfigError(
-            f"{where}: remove the 'user@' part: the upstream authenticates with the token "
-            "alone (token_file or token_env), and a password in a URL would end up in logs"
-        )
-    _check_host_port(parts, url, where)
-    if not parts.path:
-        raise ConfigError(
-            f"{where}: the URL has no path; the upstream serves the event feed at "
-            f"{UPSTREAM_PATH}, e.g. ws://HOST:8084{UPSTREAM_PATH}"
-        )
-
-
-def _split_url(url: str, where: str) -> SplitResult:
-    try:
-        return urlsplit(url)
-    except ValueError as exc:  # e.g. an unbalanced '[' around an IPv6 address
-        raise ConfigError(f"{where}: not a valid URL ({exc}): {redact_url(url)!r}") from None
-
-
-def _check_host_port(parts: SplitResult, url: str, where: str) -> None:
-    """The host is a name or an IP address, the port (if any) a number from 1 to 65535."""
-    host = parts.hostname
-    if not host:
-        raise ConfigError(f"{where}: the URL has no host: {redact_url(url)!r}")
-    if not _valid_host(host):
-        raise ConfigError(
-            f"{where}: {host!r} is not a host name or IP address (an IPv6 address goes in "
-            "brackets, a non-ASCII name in its xn-- form)"
-        )
-    try:
-        port = parts.port
-    except ValueError:  # not a number, or beyond 65535
-        port = 0
-    if port == 0 or (port is None and parts.netloc.rstrip("]").endswith(":")):
-        raw = parts.netloc.rpartition("@")[2].rpartition("]")[2].partition(":")[2]
-        raise ConfigError(f"{where}: the port must be a number from 1 to 65535, got {raw!r}")
-
-
-# redis-py reads options from the URL's query and lets them override its arguments (so
-# ?socket_timeout= would undo ours); unknown ones fail only when the first connection is made.
-_REDIS_URL_OPTIONS = ("db", "client_name")
-
-
-def check_redis_url(url: str, where: str = "redis.url") -> None:
-    """Raise ConfigError (naming `where`, without the password) unless `url` is a Redis URL
-    forwarder can use; also used for `forwarder watch --redis-url`."""
-    shown = redact_url(url)
-    parts = _split_url(url, where)
-    if parts.scheme not in {"redis", "rediss", "unix"}:
-        raise ConfigError(f"{where}: expected redis://, rediss:// or unix://, got {shown!r}")
-    if "#" in url:
-        raise ConfigError(
-            f"{where}: remove the '#' part (redis-py ignores it; in a password write # as %23)"
-        )
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
-        if name.lower().startswith("ssl"):
-            raise ConfigError(
-                f"{where}: no ssl_* options in the URL: set redis.ca_file, redis.client_cert "
-                "and redis.client_key; certificate and host name verification are always on"
-            )
-        if name not in _REDIS_URL_OPTIONS:
-            raise ConfigError(
-                f"{where}: unknown option {name!r} in the URL: only db and client_name are "
-                "read there; timeouts, retries and TLS are [redis] settings"
-            )
-        if name == "db" and not _DIGITS_RE.match(value):
-            raise ConfigError(f"{where}: db must be a database number, got {value!r}")
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise ConfigError(
-                f"{where}: a unix:// URL needs the socket's path, e.g. "
-                "unix:///run/redis/redis.sock?db=0"
-            )
-        return
-    _check_host_port(parts, url, where)
-    if parts.path not in {"", "/"} and not _DIGITS_RE.match(parts.path[1:]):
-        raise ConfigError(
-            f"{where}: the path is the database number (redis://HOST:6379/0), got {parts.path!r}"
-        )
 
 
 def _check_redis_tls(cfg: RedisConfig) -> None:
