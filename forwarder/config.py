@@ -10,17 +10,27 @@ from __future__ import annotations
 import math
 import os
 import re
-import ssl
 import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import urlsplit
 
-from forwarder.errors import ConfigError
+from forwarder.addresses import (
+    UPSTREAM_PATH,
+    check_redis_url,
+    check_ws_url,
+    is_loopback,
+    split_listen,
+)
+from forwarder.errors import ConfigError, TLSFileError, UnreadableFile
 from forwarder.events import ALLOWED_EVENTS, REFUSED_EVENTS, SENT_EVENTS, SILENT_EVENTS
+from forwarder.files import read_regular_file
+from forwarder.logs import redact
+from forwarder.tls import client_context
+from forwarder.tokens import is_jwt
 
 if TYPE_CHECKING:
     from forwarder.discovery_config import DiscoveryConfig
@@ -31,9 +41,11 @@ DEFAULT_STREAM = "{event}"
 DEFAULT_DEAD_LETTER = "{stream}:dlq"
 DEFAULT_GAP_STREAM = "forwarder:gaps"
 ENV_SOURCE_NAME = "default"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_JWT_RE = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
+CONFIG_FILE_LIMIT = 16 * 1024 * 1024  # bytes
+TOKEN_FILE_LIMIT = 64 * 1024  # bytes; a JWT is a few hundred
 
 
 class Secret:
@@ -105,9 +117,9 @@ class TokenRef:
             return self.value
         assert self.file is not None
         try:
-            text = self.file.read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            text = read_regular_file(self.file, TOKEN_FILE_LIMIT).decode("utf-8").strip()
+        except (UnreadableFile, UnicodeDecodeError) as exc:
+            reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else str(exc)
             raise ConfigError(f"{self.origin}: cannot read token file: {reason}") from None
         return _check_token(text, self.origin)
 
@@ -115,7 +127,7 @@ class TokenRef:
 def _check_token(text: str, origin: str) -> Secret:
     if not text:
         raise ConfigError(f"{origin}: the token is empty")
-    if not _JWT_RE.match(text):
+    if not is_jwt(text):
         raise ConfigError(
             f"{origin}: the token is not a JWT (three base64url parts separated by dots); "
             "the upstream rejects anything else with HTTP 401"
@@ -227,11 +239,11 @@ class MetricsConfig:
 
     @property
     def host(self) -> str:
-        return _split_listen(self.listen)[0]
+        return split_listen(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return _split_listen(self.listen)[1]
+        return split_listen(self.listen)[1]
 
 
 RETENTION_MODES = ("maxlen", "acked")
@@ -293,6 +305,27 @@ class Config:
                 )
                 subs.append(Subscription(source, event, stream, dlq))
         return subs
+
+    def warnings(self) -> list[str]:
+        """Settings that are allowed but rarely meant: `run` logs each at WARNING and
+        `check-config` prints them."""
+        notes = []
+        if not is_loopback(self.metrics.host):
+            notes.append(
+                f"the metrics endpoint listens on {self.metrics.listen!r}: /metrics, /status, "
+                "/healthz and /readyz are then reachable from the network, without "
+                "authentication (they show sources, streams and error texts, never tokens); "
+                "bind 127.0.0.1 unless a scraper elsewhere needs it, and firewall the port"
+            )
+        for source in self.sources:
+            path = urlsplit(source.url).path
+            if path != UPSTREAM_PATH:
+                notes.append(
+                    f"source {source.name!r}: the URL's path is {path!r}, but the upstream "
+                    f"serves the feed only at {UPSTREAM_PATH} and answers any other path with "
+                    "HTTP 401 (ignore this if a reverse proxy maps the path)"
+                )
+        return notes
 
     def redacted(self) -> dict[str, Any]:
         """The effective configuration as plain data, with every secret replaced by ***."""
@@ -366,24 +399,12 @@ def _tls_paths(
     }
 
 
-_TOKEN_QUERY_RE = re.compile(r"(?i)(token=)[^&\s\"']+")
-_URL_PASSWORD_RE = re.compile(r"(://[^:/@\s]*:)[^@/\s]+(@)")
-
-
 def redact_url(url: str) -> str:
-    """Hide a `token=` query value and a URL password (redis://user:pass@host)."""
-    return _URL_PASSWORD_RE.sub(r"\1***\2", _TOKEN_QUERY_RE.sub(r"\1***", url))
+    """Hide a `token=` query value, a JWT and a URL password (redis://user:pass@host).
 
-
-def _split_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"metrics.listen: expected HOST:PORT, got {listen!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    number = int(port)
-    if not 0 <= number <= 65535:
-        raise ConfigError(f"metrics.listen: port {number} is out of range")
-    return host, number
+    The one set of redaction rules is `logs.redact`; this name is what messages about URLs use.
+    """
+    return redact(url)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,10 +423,11 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     file_path: Path | None = None
     if chosen is not None:
         file_path = Path(chosen)
+        origin = str(file_path) if path is not None else f"FORWARDER_CONFIG {file_path}"
         try:
-            raw = file_path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{file_path}: cannot read configuration: {exc.strerror}") from None
+            raw = read_regular_file(file_path, CONFIG_FILE_LIMIT)
+        except UnreadableFile as exc:
+            raise ConfigError(f"{origin}: cannot read configuration: {exc}") from None
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -427,12 +449,18 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     log_level = reader.string("log_level", "INFO").upper()
     reader.finish()
 
+    # Each value is checked under the name of whatever supplied it: the file's key or the
+    # environment variable that overrides it.
+    redis_where, listen_where, level_where = "redis.url", "metrics.listen", "log_level"
     if "FORWARDER_REDIS_URL" in environ:
         redis_cfg = replace(redis_cfg, url=environ["FORWARDER_REDIS_URL"])
+        redis_where = "FORWARDER_REDIS_URL"
     if "FORWARDER_METRICS_LISTEN" in environ:
         metrics_cfg = replace(metrics_cfg, listen=environ["FORWARDER_METRICS_LISTEN"])
+        listen_where = "FORWARDER_METRICS_LISTEN"
     if "FORWARDER_LOG_LEVEL" in environ:
         log_level = environ["FORWARDER_LOG_LEVEL"].upper()
+        level_where = "FORWARDER_LOG_LEVEL"
     if environ.get("FORWARDER_URL"):
         if sources:
             raise ConfigError(
@@ -449,11 +477,13 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
             "or [[discovery]], or set FORWARDER_URL, FORWARDER_TOKEN and optionally "
             "FORWARDER_EVENTS"
         )
-    _check_redis_url(redis_cfg.url)
+    check_redis_url(redis_cfg.url, redis_where)
     _check_redis_tls(redis_cfg)
-    metrics_cfg.port  # noqa: B018 - validates listen
-    if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
-        raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    split_listen(metrics_cfg.listen, listen_where)
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(
+            f"{level_where}: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
+        )
 
     config = Config(
         sources=tuple(sources),
@@ -514,6 +544,9 @@ def _parse_consumers(t: _Table, redis_cfg: RedisConfig) -> ConsumersConfig:
 def _parse_spool(t: _Table, environ: Mapping[str, str]) -> SpoolConfig:
     default = SpoolConfig()
     directory = environ.get("FORWARDER_SPOOL_DIR") or t.optional_string("dir")
+    if directory and Path(directory).exists() and not Path(directory).is_dir():
+        where = "FORWARDER_SPOOL_DIR" if environ.get("FORWARDER_SPOOL_DIR") else t.key("dir")
+        raise ConfigError(f"{where}: {directory} exists and is not a directory")
     cfg = SpoolConfig(
         dir=Path(directory) if directory else default_spool_dir(environ),
         max_bytes=t.integer("max_bytes", default.max_bytes, minimum=1024 * 1024)
@@ -575,7 +608,7 @@ def _parse_source(t: _Table, environ: Mapping[str, str]) -> SourceConfig:
             f"{t.key('name')}: {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
         )
     url = t.string("url", None)
-    _check_ws_url(url, t.key("url"))
+    check_ws_url(url, t.key("url"))
     tls = _parse_tls(t)
     if urlsplit(url).scheme != "wss":
         for key, path in tls.items():
@@ -637,7 +670,7 @@ def _parse_source(t: _Table, environ: Mapping[str, str]) -> SourceConfig:
 
 def _env_source(environ: Mapping[str, str]) -> SourceConfig:
     url = environ["FORWARDER_URL"]
-    _check_ws_url(url, "FORWARDER_URL")
+    check_ws_url(url, "FORWARDER_URL")
     if "FORWARDER_TOKEN" not in environ:
         raise ConfigError("FORWARDER_URL is set but FORWARDER_TOKEN is not")
     token = TokenRef(
@@ -687,31 +720,6 @@ def _check_template(template: str, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: empty")
 
 
-def _check_ws_url(url: str, where: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in {"ws", "wss"} or not parts.hostname:
-        raise ConfigError(f"{where}: expected a ws:// or wss:// URL, got {redact_url(url)!r}")
-    if parts.query:
-        raise ConfigError(
-            f"{where}: put no query in the URL (event and token are added per subscription; "
-            "a token in the URL would leak into logs)"
-        )
-
-
-def _check_redis_url(url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme not in {"redis", "rediss", "unix"}:
-        raise ConfigError(
-            f"redis.url: expected redis://, rediss:// or unix://, got {redact_url(url)!r}"
-        )
-    if any(name.lower().startswith("ssl") for name, _ in parse_qsl(parts.query)):
-        # redis-py lets URL options override ours, e.g. ?ssl_cert_reqs=none.
-        raise ConfigError(
-            "redis.url: no ssl_* options in the URL: set redis.ca_file, redis.client_cert and "
-            "redis.client_key; certificate and host name verification are always on"
-        )
-
-
 def _check_redis_tls(cfg: RedisConfig) -> None:
     if urlsplit(cfg.url).scheme == "rediss":
         return
@@ -723,15 +731,6 @@ def _check_redis_tls(cfg: RedisConfig) -> None:
             )
 
 
-class _EncryptedKey(Exception):
-    pass
-
-
-def _no_password() -> bytes:
-    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase.
-    raise _EncryptedKey
-
-
 class _TLSFiles(TypedDict):
     ca_file: Path | None
     client_cert: Path | None
@@ -739,52 +738,29 @@ class _TLSFiles(TypedDict):
 
 
 def _parse_tls(t: _Table) -> _TLSFiles:
-    """`ca_file`, `client_cert`, `client_key` of a table, checked readable and loadable now,
-    so a bad file is a ConfigError naming the key rather than a failure at the first connect."""
-    ca_file = _readable_path(t, "ca_file")
-    cert = _readable_path(t, "client_cert")
-    key = _readable_path(t, "client_key")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if ca_file is not None:
-        try:
-            context.load_verify_locations(cafile=ca_file)
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"{t.key('ca_file')}: {ca_file} holds no usable PEM CA certificate ({exc})"
-            ) from None
+    """`ca_file`, `client_cert`, `client_key` of a table, checked readable and loadable now
+    (by building the context a connection would use), so a bad file is a ConfigError naming
+    the key rather than a failure at the first connect."""
+    ca_file = _tls_path(t, "ca_file")
+    cert = _tls_path(t, "client_cert")
+    key = _tls_path(t, "client_key")
     if key is not None and cert is None:
         raise ConfigError(f"{t.key('client_key')}: set client_cert too (the key's certificate)")
-    if cert is not None:
+    if ca_file is not None or cert is not None:
         try:
-            context.load_cert_chain(cert, key, password=_no_password)
-        except _EncryptedKey:
-            raise ConfigError(
-                f"{t.key('client_key' if key else 'client_cert')}: the private key is "
-                "encrypted; forwarder cannot ask for a passphrase: store it unencrypted, "
-                "readable only by the service (e.g. as a systemd credential)"
-            ) from None
-        except ssl.SSLError as exc:
-            hint = "" if key else "; if the key is in a separate file, set client_key"
-            raise ConfigError(
-                f"{t.key('client_cert')}: cannot load a PEM certificate and its private key "
-                f"from {cert}{f' and {key}' if key else ''} ({exc}){hint}"
-            ) from None
+            client_context(ca_file, cert, key)
+        except TLSFileError as exc:
+            raise ConfigError(f"{t.key(exc.setting)}: {exc}") from None
     return _TLSFiles(ca_file=ca_file, client_cert=cert, client_key=key)
 
 
-def _readable_path(t: _Table, key: str) -> Path | None:
+def _tls_path(t: _Table, key: str) -> Path | None:
     value = t.optional_string(key)
     if value is None:
         return None
     if not value:
         raise ConfigError(f"{t.key(key)}: an empty path")
-    path = Path(value)
-    try:
-        with path.open("rb") as fh:
-            fh.read(1)
-    except OSError as exc:
-        raise ConfigError(f"{t.key(key)}: cannot read {path}: {exc.strerror}") from None
-    return path
+    return Path(value)
 
 
 def _check_unique(config: Config) -> None:

@@ -38,6 +38,7 @@ from forwarder.metrics import ForwarderCollector, build_registry, source_labelle
 from forwarder.notify import Notifier, format_status
 from forwarder.problems import HealthPolicy, ProblemFinder
 from forwarder.retention import writer_config
+from forwarder.signals import StartupSignals
 from forwarder.sink import IDLE_PING_SECONDS, RedisWriter, make_client
 from forwarder.spool import DiskSpool, Route, entry_size
 from forwarder.stats import State, SubscriptionStats, WriterStats
@@ -168,11 +169,25 @@ class Forwarder:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
-    def run(self) -> ExitCode:
-        """Start, wait for SIGTERM/SIGINT, shut down. Main thread only."""
+    def run(self, startup: StartupSignals | None = None) -> ExitCode:
+        """Start, wait for SIGTERM/SIGINT, shut down. Main thread only.
+
+        `startup` holds the signals that arrived before this (see signals.py): a stop
+        request exits at once without starting, a reload request reloads once running.
+        """
         previous = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
         previous[RELOAD_SIGNAL] = signal.signal(RELOAD_SIGNAL, self._on_reload_signal)
+        # Read after our handlers are in place, so no signal falls between the two.
+        if startup is not None and startup.stop_requested:
+            self._signalled = True
+            self.stop_event.set()
+        if startup is not None and startup.reload_requested:
+            self._reload_requested = True
         try:
+            if self.stop_event.is_set():
+                log.info("stop requested while starting: exiting without connecting")
+                self.notifier.stopping()
+                return self.shutdown()
             self.start()
             # Ready once configuration, spool and metrics are up: not gated on the upstream,
             # or an upstream outage would become a start-up timeout and a restart loop.

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from forwarder.addresses import check_ws_url
 from forwarder.config import (
     _NAME_RE,
     DEFAULT_STREAM,
     Secret,
     _check_events,
     _check_template,
-    _check_ws_url,
     _parse_tls,
     _Table,
     _tls_paths,
@@ -138,7 +138,7 @@ def parse_discovery(t: _Table, environ: Mapping[str, str]) -> DiscoveryConfig:
     ws_scheme = "wss" if parts.scheme == "https" else "ws"
     ws_default = urlunsplit((ws_scheme, parts.netloc, parts.path.rstrip("/") + WS_PATH, "", ""))
     ws_url = t.string("ws_url", ws_default)
-    _check_ws_url(ws_url, t.key("ws_url"))
+    check_ws_url(ws_url, t.key("ws_url"))
     tls = _parse_tls(t)
     if parts.scheme != "https" and urlsplit(ws_url).scheme != "wss":
         for key, path in tls.items():

@@ -5,6 +5,8 @@ leave our wrapper code, with a message that never contains the token.
 
     ForwarderError
     ├── ConfigError            invalid configuration or unreadable secret
+    ├── UnreadableFile         a file the configuration names cannot be used (files.py)
+    ├── TLSFileError           a TLS file does not load; names the setting (tls.py)
     ├── SubscriberError        one WebSocket connection failed
     │   ├── HandshakeRejected  the upgrade was answered with an HTTP status (401, 5xx…)
     │   └── ConnectFailed      no HTTP answer at all (refused, timeout, TLS, DNS)
@@ -33,6 +35,25 @@ class ForwarderError(Exception):
 
 class ConfigError(ForwarderError):
     """The configuration or a secret it names is invalid; the message says which key and why."""
+
+
+class UnreadableFile(ForwarderError):
+    """A file the configuration names is missing, unreadable, too large or not a regular file.
+
+    The message says why (never what the file holds); the caller adds which setting named it.
+    """
+
+
+class TLSFileError(ForwarderError):
+    """A TLS file (CA bundle, client certificate or key) cannot be used.
+
+    ``setting`` is the configuration key that names it: ``ca_file``, ``client_cert`` or
+    ``client_key``; the message says why, without the file's contents.
+    """
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class SubscriberError(ForwarderError):

@@ -2,7 +2,7 @@
 
 websocket-client does the handshake; after it, the subscriber reads the socket in large
 chunks and feeds them here. Doing the framing ourselves buys three things the library lacks
-(library-pitfalls.md section 1.4): a size limit enforced *before* a payload is buffered (an
+(docs/library-notes.md section 1.4): a size limit enforced *before* a payload is buffered (an
 oversized frame is skipped while its head and a SHA-256 are kept), knowledge of whether we are
 in the middle of a frame (to detect a peer that stalls mid-frame), and speed (one `recv` of
 256 KiB yields hundreds of frames instead of three syscalls per frame).

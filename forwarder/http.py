@@ -1,18 +1,24 @@
 """The HTTP endpoint: /metrics, /healthz, /readyz and /status on one loopback port.
 
 prometheus-client's WSGI app serves /metrics; the rest is a small router over the same
-stats. Served by wsgiref in a thread per request, so a slow scrape never blocks the others.
+stats. Served by wsgiref in a thread per connection, so a slow scrape never blocks the
+others, within two bounds: a connection that sends or reads nothing for IDLE_TIMEOUT seconds
+is closed (without it, each idle connection held a thread forever), and at most
+MAX_CONNECTIONS are served at once; beyond that a connection is answered 503 and closed at
+once by the accepting thread, so neither threads nor memory grow with the connections.
 """
 
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from socketserver import ThreadingMixIn
 from typing import Any
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 import orjson
@@ -27,13 +33,87 @@ Check = Callable[[], tuple[bool, dict[str, Any]]]
 # /status: query parameters -> (HTTP status code, document).
 StatusPage = Callable[[Mapping[str, Sequence[str]]], tuple[int, dict[str, Any]]]
 
+IDLE_TIMEOUT = 10.0  # seconds a connection may stay silent (request or response) before close
+MAX_CONNECTIONS = 32  # connections served at once; a scrape every few seconds needs one or two
+REFUSED_LOG_INTERVAL = 60.0  # seconds between two WARNINGs about refused connections
+_BUSY = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 33\r\n"
+    b"Connection: close\r\n\r\nforwarder: too many connections\r\n"
+)
+
 
 class _Server(ThreadingMixIn, WSGIServer):
+    """wsgiref's server with one thread per connection, at most `max_connections` of them.
+
+    `process_request` runs in the accepting thread: it takes a slot or refuses the connection
+    without blocking; the slot is given back when the connection's thread ends.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: a burst of connections waits to be refused
+
+    def __init__(self, address: tuple[str, int], max_connections: int, idle_timeout: float) -> None:
+        self.idle_timeout = idle_timeout  # read by _QuietHandler.setup
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_connections = max_connections
+        self._refused = 0  # connections refused since the last WARNING (accepting thread only)
+        self._refused_logged_at = -REFUSED_LOG_INTERVAL
+        super().__init__(address, _QuietHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)  # starts the thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket) -> None:
+        try:
+            request.setblocking(False)  # the accepting thread never waits on a client
+            request.send(_BUSY)
+            # Read what already arrived (a request): closing with unread data would answer
+            # with a reset, which can make the client lose the 503.
+            request.recv(65536)
+        except OSError:
+            pass  # nothing to read, or a full or reset socket: closing it is answer enough
+        self.shutdown_request(request)
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= REFUSED_LOG_INTERVAL:
+            log.warning(
+                "metrics endpoint: %d connections are open, the limit: refused %d since the "
+                "last such message (idle connections are closed after %.0f s)",
+                self._max_connections,
+                self._refused,
+                self.idle_timeout,
+            )
+            self._refused = 0
+            self._refused_logged_at = now
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that timed out or went away: normal for HTTP, not worth a traceback."""
+        log.debug("metrics endpoint: connection from %s ended with an error", client_address)
 
 
 class _QuietHandler(WSGIRequestHandler):
+    def setup(self) -> None:
+        super().setup()
+        # Reading the request and writing the response each fail after this long without
+        # progress, which ends the connection and frees its thread.
+        server = self.server
+        assert isinstance(server, _Server)
+        self.connection.settimeout(server.idle_timeout)
+
     def log_message(self, format: str, *args: Any) -> None:
         """Access logs would be one line per scrape: not worth journald's space."""
 
@@ -49,6 +129,8 @@ class HttpServer:
         health: Check,
         ready: Check,
         status: StatusPage,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
     ) -> None:
         self._host = host
         self._port = port
@@ -56,6 +138,8 @@ class HttpServer:
         self._health = health
         self._ready = ready
         self._status = status
+        self._max_connections = max_connections
+        self._idle_timeout = idle_timeout
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -66,13 +150,12 @@ class HttpServer:
 
     def start(self) -> None:
         try:
-            server = make_server(
-                self._host, self._port, self._app, server_class=_Server, handler_class=_QuietHandler
-            )
+            server = _Server((self._host, self._port), self._max_connections, self._idle_timeout)
         except OSError as exc:
             raise ConfigError(
                 f"metrics.listen: cannot listen on {self._host}:{self._port}: {exc.strerror}"
             ) from None
+        server.set_app(self._app)
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, args=(0.1,), name="http", daemon=True

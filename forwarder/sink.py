@@ -2,7 +2,7 @@
 
 Each batch is one EVALSHA of `WRITE_BATCH`, a Lua script that skips entries whose offset is
 at or below this writer's high-water mark, XADDs the rest, and advances the mark, atomically.
-redis-py's own retries are turned off (they re-send applied writes: library-pitfalls.md
+redis-py's own retries are turned off (they re-send applied writes: docs/library-notes.md
 section 2.2); we retry ourselves, and a batch whose reply was lost (timeout, cut connection)
 can be re-sent safely because the script never applies an offset twice.
 

@@ -55,10 +55,6 @@ class LatencyHistogram:
         self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.sum += seconds
 
-    def observe_many(self, seconds: float, count: int) -> None:
-        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += count
-        self.sum += seconds * count
-
 
 @dataclass(eq=False)
 class SubscriptionStats:

@@ -2,7 +2,7 @@
 
 websocket-client performs the handshake (TLS, proxies, the 101 check); after it we read the
 socket ourselves in large chunks through `FrameParser`. We do not use `run_forever`: its
-reconnect mode hides close codes and errors (library-pitfalls.md section 1.1), its callbacks
+reconnect mode hides close codes and errors (docs/library-notes.md section 1.1), its callbacks
 swallow exceptions, and it has no frame size limit.
 
 The reader never waits on Redis: frames go to the spool and the loop returns to `recv`. The
@@ -11,7 +11,7 @@ give up when neither a pong nor any other byte arrives within `ping_timeout`.
 
 Displacement. The upstream keeps one connection per (instance, event) and a newer one takes
 the feed without telling the older, which stays open and receives nothing
-(upstream-protocol.md section 5). Pings cannot see that, so a silence watchdog does: no data
+(docs/upstream.md section 5). Pings cannot see that, so a silence watchdog does: no data
 frame for `silence_timeout` triggers a make-before-break re-subscribe. We open the new
 connection B while the old one A is still open (B takes the feed at once), send a close frame
 on A and keep reading A until its close echo, EOF or a short deadline (spooling every data
@@ -47,7 +47,6 @@ feed (the displacement happened somewhere in between: an upper bound).
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
 import logging
@@ -58,7 +57,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -66,11 +64,13 @@ import orjson
 import websocket
 
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
-from forwarder.config import Secret, SourceConfig, Subscription, redact_url
+from forwarder.config import Secret, Subscription, redact_url
 from forwarder.errors import ConfigError, ConnectFailed, HandshakeRejected
 from forwarder.frames import FrameParser, Opcode, ProtocolViolation, close_code
 from forwarder.spool import GAP, DiskSpool, Entry, entry_size
 from forwarder.stats import State, SubscriptionStats
+from forwarder.tls import tls_context
+from forwarder.tokens import token_expiry
 
 log = logging.getLogger(__name__)
 
@@ -154,42 +154,6 @@ def websocket_connect(
     return ws  # type: ignore[no-any-return]
 
 
-# Client TLS contexts, one per set of files (sources with the same files share it), rebuilt
-# when a file changes (a renewed client certificate needs no restart).
-_tls_lock = threading.Lock()
-_tls_contexts: dict[tuple[Path | None, ...], tuple[tuple[int, ...], ssl.SSLContext]] = {}
-
-
-def tls_context(source: SourceConfig) -> ssl.SSLContext | None:
-    """The TLS context of a wss:// source (None for ws://): TLS 1.2 or later, certificate and
-    host name verified against `ca_file` (default: the system trust store), and the client
-    certificate if configured. Raises ConnectFailed when a file became unusable."""
-    if not source.url.startswith("wss:"):
-        return None
-    files = (source.ca_file, source.client_cert, source.client_key)
-    try:
-        stamp = tuple(path.stat().st_mtime_ns for path in files if path is not None)
-        with _tls_lock:
-            cached = _tls_contexts.get(files)
-            if cached is not None and cached[0] == stamp:
-                return cached[1]
-            context = ssl.create_default_context(
-                cafile=str(source.ca_file) if source.ca_file else None
-            )
-            context.minimum_version = ssl.TLSVersion.TLSv1_2
-            if source.client_cert is not None:
-                context.load_cert_chain(source.client_cert, source.client_key, _no_password)
-            _tls_contexts[files] = (stamp, context)
-            return context
-    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-        raise ConnectFailed(f"TLS files of source {source.name}: {_describe(exc)}") from None
-
-
-def _no_password() -> bytes:
-    # Without a callback OpenSSL would prompt on the terminal for an encrypted key's passphrase.
-    raise ValueError("the private key is encrypted")
-
-
 def _describe(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else ""
     return redact_url(f"{type(exc).__name__}: {text}"[:200])
@@ -202,26 +166,6 @@ def close_code_label(code: int) -> str:
     if 1000 <= code <= 3999:
         return str(code)
     return "invalid"
-
-
-def token_expiry(token: Secret) -> float | None:
-    """The `exp` claim of a JWT, read without verifying the signature; None if absent.
-
-    Never raises and never puts the token into an exception or a log line.
-    """
-    parts = token.reveal().split(".")
-    if len(parts) != 3:
-        return None
-    segment = parts[1]
-    try:
-        claims = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
-    except ValueError:  # binascii.Error and orjson.JSONDecodeError are ValueErrors
-        return None
-    exp = claims.get("exp") if isinstance(claims, dict) else None
-    if isinstance(exp, bool) or not isinstance(exp, int | float):
-        return None
-    value = float(exp)
-    return value if math.isfinite(value) else None
 
 
 def evidence_window(silence_timeout: float) -> float:

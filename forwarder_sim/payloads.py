@@ -1,6 +1,6 @@
 """Realistic upstream payloads for the simulator, each carrying a recoverable sequence number.
 
-The shapes follow the upstream protocol notes (``upstream-protocol.md`` §2, §4, §6): the frame
+The shapes follow the upstream protocol notes (``docs/upstream.md`` §2, §4, §6): the frame
 body is the bare JSON value that CodeChat's ``whatsapp-api`` passes to ``ws.send``, encoded
 compactly (no whitespace, like ``JSON.stringify``). Sizes match §6: text ``messages.upsert``
 is 0.4-1 KB, media messages 2-15 KB, ``qrcode.updated`` about 13 KB with a real PNG data URL.

@@ -80,7 +80,7 @@ _SENT = frozenset(payloads.SENT_EVENTS)
 # validator.js isJWT (used upstream via class-validator): three url-safe base64 segments.
 _JWT_SHAPE = re.compile(r"^[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]+={0,2}$")
 _MAX_HTTP_HEAD = 64 * 1024
-_MAX_CLIENT_PAYLOAD = 100 * 1024 * 1024  # ws's default maxPayload (§3)
+_MAX_CLIENT_PAYLOAD = 100 * 1024 * 1024  # ws's default maxPayload (docs/upstream.md §3)
 _WRITE_HIGH_WATER = 1024 * 1024  # pause writers above this much unsent data per connection
 _BATCH_BYTES = 64 * 1024  # frames are joined into writes of about this size
 _DROP_LINGER = 5.0  # after a drop (FIN), wait this long for the client to close before closing

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
 from forwarder.config import Backoff
 
@@ -23,15 +25,37 @@ def test_auth_failures_back_off_slowly_and_never_below_half_a_step() -> None:
     assert delays == [2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 150.0, 150.0, 150.0]
 
 
-def test_a_stable_connection_resets_the_backoff() -> None:
-    """A connection that lasted `stable_after` makes the next retry quick again."""
-    backoff = ReconnectBackoff(Backoff(initial=1.0, stable_after=30.0), rand=lambda: 1.0)
+@pytest.mark.parametrize("lasted", [0.0, 5.0, 29.999])
+def test_a_short_connection_keeps_the_backoff_growing(lasted: float) -> None:
+    """A connection that ended before `stable_after` is no evidence of health: the next delays
+    continue where the failures left them (a flapping upstream is not hammered)."""
+    backoff = ReconnectBackoff(Backoff(initial=1.0, maximum=64.0, stable_after=30.0), lambda: 1.0)
+    assert [backoff.after_failure() for _ in range(5)] == [1.0, 2.0, 4.0, 8.0, 16.0]
+    backoff.connection_lasted(lasted)
+    assert [backoff.after_failure() for _ in range(2)] == [32.0, 64.0]
+
+
+@pytest.mark.parametrize("lasted", [30.0, 3600.0])
+def test_a_connection_that_lasted_stable_after_resets_the_backoff(lasted: float) -> None:
+    """A connection that lived `stable_after` (or longer) makes the next retry quick again,
+    and the delays then grow from `initial` as if nothing had failed before."""
+    backoff = ReconnectBackoff(Backoff(initial=1.0, maximum=64.0, stable_after=30.0), lambda: 1.0)
     for _ in range(5):
         backoff.after_failure()
-    backoff.connection_lasted(5.0)
-    assert backoff.after_failure() == 32.0 or backoff.after_failure() > 1.0
-    backoff.connection_lasted(31.0)
-    assert backoff.after_failure() == 1.0
+    backoff.connection_lasted(lasted)
+    assert [backoff.after_failure() for _ in range(3)] == [1.0, 2.0, 4.0]
+
+
+def test_a_stable_connection_also_resets_the_authentication_backoff() -> None:
+    """After a long good connection, a 401 (e.g. an expired token) starts at `auth_initial`
+    again; a short connection leaves the slow authentication backoff where it was."""
+    policy = Backoff(auth_initial=5.0, auth_maximum=300.0, stable_after=30.0)
+    backoff = ReconnectBackoff(policy, rand=lambda: 1.0)
+    assert [backoff.after_auth_failure() for _ in range(3)] == [5.0, 10.0, 20.0]
+    backoff.connection_lasted(29.0)
+    assert backoff.after_auth_failure() == 40.0
+    backoff.connection_lasted(30.0)
+    assert backoff.after_auth_failure() == 5.0
 
 
 def test_limiter_allows_a_burst_then_the_rate() -> None:

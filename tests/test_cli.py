@@ -12,6 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import redis
 
 from forwarder.errors import ExitCode
@@ -214,3 +215,207 @@ def test_watch_shows_each_subscription_with_its_counts_and_stream_length(
     # SOURCE/EVENT STATE RECEIVED FORWARDED STREAM-LEN DLQ RECONN LAST
     assert rows["main/messages.upsert"][1:5] == ["connected", "7", "7", "7"]
     assert rows["main/call.upsert"][1:5] == ["connected", "0", "0", "0"]
+
+
+# -- bad flags and variables: exit 2 naming them, no traceback ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--log-level", "verbose"], "--log-level: expected DEBUG, INFO, WARNING or"),
+        (["watch", "--interval", "0"], "--interval: expected a positive number of seconds"),
+        (["watch", "--interval", "nan"], "--interval: expected a positive number of seconds"),
+        (["watch", "--count", "-1"], "--count: expected a whole number, 0 or more"),
+        (["watch", "--status-url", "localhost:9108/status"], "--status-url: expected http://"),
+        (["watch", "--status-url", "http://127.0.0.1:99999/status"], "--status-url: expected"),
+        (["watch", "--redis-url", "redis://127.0.0.1:99999/0"], "--redis-url: the URL: the port"),
+    ],
+)
+def test_a_bad_flag_exits_2_naming_the_flag(argv: list[str], message: str) -> None:
+    """Every flag is checked before use: a usage error naming it, exit 2, never a traceback."""
+    argv = [sys.executable, "-m", "forwarder", *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == ExitCode.CONFIG
+    assert f"error: argument {message}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_a_bad_environment_variable_exits_2_naming_it(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer, command: str
+) -> None:
+    """FORWARDER_LOG_LEVEL=loud: a configuration error naming the variable, not a traceback."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["call.upsert"])
+    proc = forwarder(command, "--config", str(config), env={"FORWARDER_LOG_LEVEL": "loud"})
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.CONFIG
+    assert "FORWARDER_LOG_LEVEL: expected DEBUG, INFO, WARNING or ERROR, got 'LOUD'" in err
+    assert "Traceback" not in err
+    assert simulator.stats()["connections_total"] == 0
+
+
+@pytest.mark.parametrize("command", ["run", "check-config"])
+def test_a_port_out_of_range_is_a_configuration_error_for_both_commands(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer, command: str
+) -> None:
+    """ws://HOST:99999 fails check-config like run: exit 2 naming the key, before connecting."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["call.upsert"])
+    config.write_text(config.read_text().replace(simulator.url, "ws://127.0.0.1:99999/ws/events"))
+    proc = forwarder(command, "--config", str(config))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.CONFIG
+    assert "sources[0].url: the port must be a number from 1 to 65535, got '99999'" in err
+    assert "Traceback" not in err
+
+
+def test_check_config_prints_warnings_for_a_network_wide_metrics_port(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    """listen = "0.0.0.0:…" is accepted, with a warning that /status is reachable from afar."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["call.upsert"])
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:', 'listen = "0.0.0.0:'))
+    proc = forwarder("check-config", "--config", str(config))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.OK
+    assert "forwarder: warning: the metrics endpoint listens on '0.0.0.0:" in err
+    assert "reachable from the network" in err
+
+
+# -- signals during start-up ---------------------------------------------------------------
+
+# Runs `forwarder` with the signals argv[1] (comma-separated numbers) sent to itself the
+# moment load_config is entered: a deterministic stand-in for `systemctl stop`/`reload`
+# arriving while it starts.
+SIGNAL_WHILE_LOADING = """
+import os, sys
+import forwarder.config
+real, fired = forwarder.config.load_config, []
+def load_config(path, environ):
+    if not fired:
+        fired.append(True)
+        for signum in sys.argv[1].split(","):
+            os.kill(os.getpid(), int(signum))
+    return real(path, environ)
+forwarder.config.load_config = load_config
+from forwarder.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def caught_signals(pid: int) -> int:
+    """The SigCgt mask of a process: bit n-1 is set once it handles signal n."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return int(line.split()[1], 16)
+    raise AssertionError("no SigCgt line")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_starting_exits_0_without_connecting(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer, signum: int
+) -> None:
+    """SIGTERM/SIGINT while the configuration loads: exit 0, no traceback, no connection made."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["call.upsert"])
+    argv = [str(int(signum)), "run", "--config", str(config)]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_LOADING, *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert "stop requested while starting: exiting without connecting" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert simulator.stats()["connections_total"] == 0  # nobody's upstream slot was taken
+
+
+def test_a_second_stop_signal_while_starting_exits_at_once(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    """Two SIGTERMs while starting: the immediate exit (130) a second signal always means."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["call.upsert"])
+    twice = f"{int(signal.SIGTERM)},{int(signal.SIGTERM)}"
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_LOADING, twice, "run", "--config", str(config)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == ExitCode.FORCED, proc.stderr
+    assert "second signal, exiting at once" in proc.stderr
+    assert simulator.stats()["connections_total"] == 0
+
+
+def test_a_sighup_while_starting_is_a_reload_once_running(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    """SIGHUP while the configuration loads does not kill: the daemon starts, then reloads."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["call.upsert"])
+    hup = str(int(signal.SIGHUP))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_WHILE_LOADING, hup, "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr or ()), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("reloaded" in line for line in lines), 30, "the reload")
+        wait_for(lambda: simulator.stats()["connections_open"] == 1, 30, "connected")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == ExitCode.OK
+    finally:
+        proc.kill()
+        proc.wait()
+        reader.join(10)
+    assert not any("Traceback" in line for line in lines)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_as_soon_as_the_process_can_catch_it_is_handled(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer, signum: int
+) -> None:
+    """The real command, signalled the moment /proc shows it catches the signal: SIGTERM
+    exits 0 at once, SIGHUP leaves it running (and SIGTERM then stops it with 0)."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["call.upsert"])
+    proc = forwarder("run", "--config", str(config))
+    try:
+        # No fixed delay: poll until the handler exists (Python itself needs a few tens of
+        # ms before any code of ours runs; no program can handle a signal before that).
+        wait_for(lambda: caught_signals(proc.pid) >> (signum - 1) & 1, 30, "the handler")
+        proc.send_signal(signum)
+        if signum == signal.SIGHUP:
+            wait_for(lambda: simulator.stats()["connections_open"] == 1, 30, "connected")
+            assert proc.poll() is None
+            proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == ExitCode.OK
+    finally:
+        proc.kill()
+        _, err = proc.communicate()
+    assert "Traceback" not in err
+
+
+def test_run_logs_the_warnings_of_the_configuration(
+    tmp_path: Path, simulator: Simulator, redis_server: RedisServer
+) -> None:
+    """`run` with listen = "0.0.0.0:…" logs a WARNING that the endpoint is network-wide."""
+    config = write_config(tmp_path, simulator, redis_server.url, ["call.upsert"])
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:', 'listen = "0.0.0.0:'))
+    # Stopped while starting (see above), so the port is never opened beyond loopback.
+    argv = [str(int(signal.SIGTERM)), "run", "--config", str(config)]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGNAL_WHILE_LOADING, *argv],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert "WARNING forwarder: the metrics endpoint listens on '0.0.0.0:" in proc.stderr

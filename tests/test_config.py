@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -163,3 +168,108 @@ def test_bad_metrics_settings_are_refused(tmp_path: Path, body: str, message: st
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, body + SOURCE), {})
     assert message in str(info.value)
+
+
+def outcome_within(call: Callable[[], object], fifo_dir: Path, seconds: float = 10.0) -> object:
+    """Run `call` in a thread: what it returned or raised; fail the test if it is still blocked
+    after `seconds` (then release it by opening the FIFOs in `fifo_dir` for writing)."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as exc:  # handed to the test thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        for path in fifo_dir.iterdir():  # a blocked reader sees EOF once a writer came and went
+            if stat.S_ISFIFO(path.stat().st_mode):
+                with contextlib.suppress(OSError):
+                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        raise AssertionError(f"still blocked after {seconds} s")
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    ("setting", "extra", "message"),
+    [
+        ("config", "", "FIFO: cannot read configuration: "),
+        ("token_file", "", "sources[0].token_file TOKEN: cannot read token file: "),
+        ("ca_file", 'ca_file = "FIFO"\n', "sources[0].ca_file: cannot read FIFO: "),
+        ("client_cert", 'client_cert = "FIFO"\n', "sources[0].client_cert: cannot read FIFO: "),
+    ],
+)
+def test_a_named_pipe_is_refused_at_once_wherever_a_file_is_expected(
+    tmp_path: Path, setting: str, extra: str, message: str
+) -> None:
+    """A FIFO as configuration, token or TLS file is a config error naming it, never a hang."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    path = write(tmp_path, SOURCE.replace("ws://", "wss://") + extra.replace("FIFO", str(fifo)))
+    token = tmp_path / "token"
+    if setting == "token_file":
+        token.unlink()
+        os.mkfifo(token)
+    if setting == "config":
+        path = fifo
+    error = outcome_within(lambda: load_config(path, {}), tmp_path)
+    assert isinstance(error, ConfigError)
+    expected = message.replace("FIFO", str(fifo)).replace("TOKEN", str(token))
+    assert str(error) == expected + "not a regular file (a named pipe)"
+
+
+def test_a_token_file_that_becomes_a_pipe_fails_the_next_read_without_blocking(
+    tmp_path: Path,
+) -> None:
+    """The token is re-read before every connection: a FIFO then fails that attempt at once."""
+    config = load_config(write(tmp_path, SOURCE), {})
+    (tmp_path / "token").unlink()
+    os.mkfifo(tmp_path / "token")
+    error = outcome_within(config.sources[0].token.read, tmp_path)
+    assert isinstance(error, ConfigError)
+    assert "cannot read token file: not a regular file (a named pipe)" in str(error)
+
+
+WS = "ws://127.0.0.1:8084/ws/events"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("FORWARDER_URL", "ws://127.0.0.1:99999/ws/events", "the port must be a number"),
+        ("FORWARDER_URL", "ws://127.0.0.1:8084/ws/events#x", "remove the '#' part"),
+        ("FORWARDER_TOKEN", "not-a-jwt", "the token is not a JWT"),
+        ("FORWARDER_EVENTS", "messages.upsert,bogus", "unknown event 'bogus'"),
+        ("FORWARDER_REDIS_URL", "redis://127.0.0.1:99999/0", "the port must be a number"),
+        ("FORWARDER_REDIS_URL", "http://127.0.0.1/0", "expected redis://"),
+        ("FORWARDER_METRICS_LISTEN", "127.0.0.1:99999", "port 99999 is out of range"),
+        ("FORWARDER_LOG_LEVEL", "loud", "expected DEBUG, INFO, WARNING or ERROR, got 'LOUD'"),
+        ("FORWARDER_CONFIG", "/nonexistent/forwarder.toml", "cannot read configuration"),
+        ("FORWARDER_SPOOL_DIR", "TOKEN_FILE", "exists and is not a directory"),
+    ],
+)
+def test_a_bad_environment_variable_is_named_in_the_error(
+    tmp_path: Path, variable: str, value: str, message: str
+) -> None:
+    """Each FORWARDER_* variable is checked like the key it overrides, under its own name."""
+    write(tmp_path, "")
+    env = {"FORWARDER_URL": WS, "FORWARDER_TOKEN": TOKEN}
+    env[variable] = value.replace("TOKEN_FILE", str(tmp_path / "token"))
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env)
+    assert str(info.value).startswith(variable)
+    assert message in str(info.value)
+
+
+def test_a_network_wide_metrics_listen_and_an_odd_path_are_warned_about(tmp_path: Path) -> None:
+    """0.0.0.0 is allowed but warned about (it exposes /status); so is a path not /ws/events."""
+    body = '[metrics]\nlisten = "0.0.0.0:9108"\n' + SOURCE.replace("/ws/events", "/events/")
+    warnings = load_config(write(tmp_path, body), {}).warnings()
+    assert len(warnings) == 2
+    assert "'0.0.0.0:9108'" in warnings[0]
+    assert "reachable from the network" in warnings[0]
+    assert "the URL's path is '/events/'" in warnings[1]
+    assert load_config(write(tmp_path, SOURCE), {}).warnings() == []

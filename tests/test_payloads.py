@@ -1,4 +1,4 @@
-"""Payload builders: shapes and sizes per event (upstream-protocol.md §2, §6), seq round trips."""
+"""Payload builders: shapes and sizes per event (docs/upstream.md §2, §6), seq round trips."""
 
 from __future__ import annotations
 

@@ -33,7 +33,6 @@ from forwarder.subscriber import (
     Subscriber,
     _End,
     evidence_window,
-    token_expiry,
 )
 from forwarder_sim import encode_frame, mint_token
 from tests.helpers import wait_for
@@ -121,30 +120,6 @@ def text(n: int, tag: str) -> bytes:
 
 
 # -- token expiry -----------------------------------------------------------------------------
-
-
-def test_token_expiry_reads_the_exp_claim_without_the_secret() -> None:
-    """exp comes out of a token signed with a secret we do not know; absent exp gives None."""
-    token = mint_token("main", "someone-elses-secret", expires_in=600, now=1_800_000_000)
-    assert token_expiry(Secret(token)) == 1_800_000_600.0
-    assert token_expiry(Secret(mint_token("main", SECRET))) is None
-
-
-@given(st.text(max_size=200))
-def test_token_expiry_never_raises_on_garbage(value: str) -> None:
-    """Any string (not a JWT, bad base64, bad JSON, odd exp types) gives a float or None."""
-    result = token_expiry(Secret(value))
-    assert result is None or isinstance(result, float)
-
-
-@pytest.mark.parametrize(
-    "claims", [{"exp": "soon"}, {"exp": True}, {"exp": None}, [1, 2], {"exp": 1e400}]
-)
-def test_token_expiry_ignores_an_exp_that_is_not_a_finite_number(claims: object) -> None:
-    """Only a finite number is a usable exp."""
-    body = base64.urlsafe_b64encode(orjson.dumps(claims, option=orjson.OPT_SERIALIZE_NUMPY))
-    token = f"eyJhbGciOiJIUzI1NiJ9.{body.decode().rstrip('=')}.sig"
-    assert token_expiry(Secret(token)) is None
 
 
 def test_an_expired_token_is_warned_about_and_named_in_the_401_error(
