@@ -314,6 +314,8 @@ class Forwarder:
         failed = [s.name for s in self.subscribers if s.failed is not None]
         if self.writer.failed is not None:
             failed.append("redis-writer")
+        if self.spool.failed is not None:
+            failed.append("spool-fsync")
         return failed
 
     # -- health, readiness, status (called from HTTP threads) --------------------------------
@@ -333,7 +335,8 @@ class Forwarder:
         Policy: Redis answered the writer within REDIS_READY_AGE seconds and is not refusing
         writes for a configuration error (NOPERM, WRONGTYPE), at least
         `metrics.ready_min_connected` (a fraction, default 1.0 = all) of the subscriptions
-        are connected, and the daemon is not shutting down.
+        are connected, the spool can write to its disk (and lost nothing in the last minute),
+        and the daemon is not shutting down.
         """
         last_ok = self.writer_stats.last_ok_at
         redis_ok = (
@@ -344,10 +347,13 @@ class Forwarder:
         connected = sum(1 for s in self.stats if s.state is State.CONNECTED)
         total = len(self.subscribers)
         enough = connected >= self.config.metrics.ready_min_connected * total
-        ok = redis_ok and enough and not self._stopping
+        spool_problem = self.spool.problem()
+        ok = redis_ok and enough and spool_problem is None and not self._stopping
         return ok, {
             "ready": ok,
             "redis_ok": redis_ok,
+            "spool_ok": spool_problem is None,
+            "spool_problem": spool_problem,
             "connected": connected,
             "subscriptions": total,
             "min_connected_ratio": self.config.metrics.ready_min_connected,
@@ -379,6 +385,14 @@ class Forwarder:
                 "disk_bytes": self.spool.disk_bytes(),
                 "max_bytes": self.spool.max_bytes,
                 "corrupt_records": self.spool.stats.corrupt_records,
+                "writable": self.spool.writable,
+                "problem": self.spool.problem(),
+                "free_bytes": self.spool.free_bytes(),
+                "write_errors": self.spool.stats.write_errors,
+                "memory_only_pending": self.spool.memory_only(),
+                "memory_only": self.spool.stats.memory_only,
+                "dropped": dict(self.spool.stats.dropped),
+                "lost": self.spool.stats.lost,
             },
             "subscriptions": [
                 {**self._subscription_status(s, now), "spool_pending": pending_by_route[i]}
