@@ -43,7 +43,6 @@ class SegmentFiles:
         self._dir = directory
         self.segment_bytes = segment_bytes
         self.sizes: dict[int, int] = {}  # first offset -> bytes, every live segment
-        self._inodes: dict[int, tuple[int, int]] = {}  # first offset -> (st_dev, st_ino)
         self.fd = -1  # the active segment, open for appending
         self.active_first = -1
         self.active_size = 0
@@ -65,8 +64,6 @@ class SegmentFiles:
     def adopt(self, first: int, size: int, last: bool) -> None:
         """Take over a segment found at start-up; appends continue in the `last` one."""
         self.sizes[first] = size
-        st = self.path(first).stat()
-        self._inodes[first] = (st.st_dev, st.st_ino)
         if last and size < self.segment_bytes:
             self._reuse = first
 
@@ -110,7 +107,6 @@ class SegmentFiles:
             first = self.active_first
             self.close_active()
             self.sizes.pop(first, None)
-            self._inodes.pop(first, None)
             with contextlib.suppress(OSError):
                 self.path(first).unlink()
         return True
@@ -127,7 +123,7 @@ class SegmentFiles:
         new = first not in self.sizes
         fd = os.open(self.path(first), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            st = os.fstat(fd)
+            size = os.fstat(fd).st_size
             if new:
                 fsync_dir(self._dir)  # the new file's name survives a power cut
         except OSError:
@@ -135,9 +131,8 @@ class SegmentFiles:
             raise
         self.fd = fd
         self.active_first = first
-        self.active_size = st.st_size
-        self.sizes[first] = st.st_size
-        self._inodes[first] = (st.st_dev, st.st_ino)
+        self.active_size = size
+        self.sizes[first] = size
 
     def write_sealed(self, first: int, data: bytes) -> None:
         """Write a whole new segment that nothing is appended to afterwards (records put
@@ -153,7 +148,6 @@ class SegmentFiles:
             while written < len(data):
                 written += os.write(fd, data[written:])
             os.fsync(fd)
-            st = os.fstat(fd)
         except OSError as exc:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -161,7 +155,6 @@ class SegmentFiles:
             raise SegmentWriteError(exc, dirty=False) from None
         os.close(fd)
         self.sizes[first] = len(data)
-        self._inodes[first] = (st.st_dev, st.st_ino)
 
     def seal(self) -> None:
         """Close the active segment for good: the next write starts a new one."""
@@ -190,7 +183,6 @@ class SegmentFiles:
             if first == self.active_first:
                 self.close_active()
             self.sizes.pop(first, None)
-            self._inodes.pop(first, None)
             paths.append(self.path(first))
         return paths
 
@@ -207,7 +199,7 @@ class SegmentFiles:
     # -- integrity ----------------------------------------------------------------------
 
     def missing(self, firsts: list[int]) -> list[int]:
-        """Which of these segments are no longer the files we wrote (deleted or replaced)."""
+        """Which of these segments have been deleted (the active one: unlinked while open)."""
         gone = []
         for first in firsts:
             if first not in self.sizes:
@@ -220,12 +212,7 @@ class SegmentFiles:
                 except OSError:
                     gone.append(first)
                     continue
-            try:
-                st = self.path(first).stat()
-            except FileNotFoundError:
-                gone.append(first)
-                continue
-            if (st.st_dev, st.st_ino) != self._inodes.get(first):
+            if not self.path(first).exists():
                 gone.append(first)
         return gone
 
@@ -235,7 +222,6 @@ class SegmentFiles:
             if first == self.active_first:
                 self.close_active()
             self.sizes.pop(first, None)
-            self._inodes.pop(first, None)
 
     # -- read side ----------------------------------------------------------------------
 

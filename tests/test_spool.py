@@ -292,6 +292,7 @@ def test_a_full_disk_sends_frames_through_memory_and_names_the_filesystem(small_
     assert spool.stats.write_errors >= 1
     out = drain(spool)
     assert [json_n(p) for p in out] == list(range(15))
+    assert spool.disk_bytes() == 0  # the disk is short of space: even a small segment goes
     filler.unlink()
     clock.now += 1.0  # past the pause between disk attempts
     put(spool, frames(0, 15, 1))
@@ -456,6 +457,8 @@ def test_a_deleted_directory_is_recreated_with_what_is_still_in_memory(tmp_path:
     assert "was deleted" in problem
     assert spool.stats.lost == 0
     assert spool.pending()[0] == 20
+    assert spool.memory_only() == 0  # written back at once: a crash now loses nothing
+    assert on_disk(directory) == set(range(1, 21))
     spool.commit(held)
     put(spool, frames(1, 20, 2))
     writer_id = spool.writer_id
@@ -464,6 +467,38 @@ def test_a_deleted_directory_is_recreated_with_what_is_still_in_memory(tmp_path:
     assert again.writer_id == writer_id  # the same high-water mark in Redis still applies
     assert drain(again) == [b'{"n":%d}' % i for i in range(5, 22)]
     again.close()
+
+
+def on_disk(directory: Path) -> set[int]:
+    """The offsets of every good record in the directory's segment files."""
+    return {r.offset for p in directory.glob("*" + SEGMENT_SUFFIX) for r in scan(p.read_bytes())[0]}
+
+
+def test_a_directory_replaced_by_an_empty_one_is_taken_over(tmp_path: Path) -> None:
+    """rm -rf and mkdir (a tmpfiles rule, an operator): the new directory is locked and gets
+    the pending frames; a second process cannot take it meanwhile."""
+    directory = tmp_path / "spool"
+    spool = DiskSpool(directory, ROUTES, max_bytes=1 << 30)
+    put(spool, frames(0, 0, 4))
+    shutil.rmtree(directory)
+    directory.mkdir()
+    spool.verify()
+    problem = spool.problem()
+    assert problem is not None
+    assert "was replaced" in problem
+    assert on_disk(directory) == {1, 2, 3, 4}
+    with pytest.raises(SpoolError, match="another forwarder process is using it"):
+        DiskSpool(directory, ROUTES, max_bytes=1 << 30)
+    spool.close()
+
+
+def test_an_unreadable_segment_at_start_is_a_clear_error(tmp_path: Path) -> None:
+    """A segment the spool cannot read is a SpoolError naming the directory, no traceback."""
+    spool = DiskSpool(tmp_path, ROUTES, max_bytes=1 << 30)
+    spool.close()
+    (tmp_path / f"{1:020d}{SEGMENT_SUFFIX}").mkdir()  # not a file: reading it fails
+    with pytest.raises(SpoolError, match=f"spool.dir {tmp_path}: cannot start: Is a directory"):
+        DiskSpool(tmp_path, ROUTES, max_bytes=1 << 30)
 
 
 def test_frames_only_on_disk_when_it_was_deleted_are_counted_lost(tmp_path: Path) -> None:
