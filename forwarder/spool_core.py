@@ -1,8 +1,9 @@
 """The books every part of the spool shares: routes, pending counts, the cache, the last peek.
 
-DiskSpool (spool.py) is assembled from this base and two mixins, one module per concept:
-spool_faults.py (a disk that fails: memory-only entries, refusals, readiness) and
-spool_recovery.py (files deleted under a running spool). Only DiskSpool.__init__ assigns these
+DiskSpool (spool.py: set-up, append, durability) is assembled from this base and mixins, one
+module per concept: spool_reader.py (the writer's peek and commit), spool_faults.py (a disk
+that fails: memory-only entries, refusals, readiness) and spool_recovery.py (files deleted
+under a running spool). Only DiskSpool.__init__ assigns these
 attributes; the annotations here let each part use them.
 
 Locking (for every part): `_cond` (the spool lock) guards the books below; `_read_lock` (an
@@ -95,6 +96,14 @@ class SpoolCore:
     _loss_at: float | None  # clock() of the last loss of spooled entries
     _loss_problem: str | None
     _closed: bool
+    _backlog: int  # pending entries past which readers wait for a healthy writer
+    _readers_waiting: int
+    _writer_ok: bool  # Redis takes the writer's writes (readers may be held back)
+    oldest_received_at: float | None
+
+    def verify(self) -> None:
+        """Check the directory; recover if files went missing (spool_recovery.py)."""
+        raise NotImplementedError
 
     def _should_log(self, kind: str) -> bool:
         """Rate limit for repeated ERROR lines: True at most once per LOG_INTERVAL per kind."""
