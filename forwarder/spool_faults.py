@@ -23,7 +23,7 @@ from collections import deque
 from forwarder.spool_core import Cached, Place, SpoolCore
 from forwarder.spool_records import Entry, encode, pack, record_size
 from forwarder.spool_segments import SegmentWriteError
-from forwarder.spool_state import describe_filesystem, fsync_dir
+from forwarder.spool_state import describe_filesystem, free_bytes, fsync_dir
 
 log = logging.getLogger("forwarder.spool")
 
@@ -135,10 +135,17 @@ class FaultsMixin(SpoolCore):
             group = list(run)
             bodies, _, _ = encode([entry for _, entry in group], self._route_keys)
             offsets = [offset for offset, _ in group]
+            data = pack(bodies, offsets)
             try:
-                self._segments.write_sealed(offsets[0], pack(bodies, offsets))
+                # Up to memory_bytes at once: do not write it all only to meet ENOSPC.
+                if free_bytes(self._dir) < len(data):
+                    raise SegmentWriteError(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), False)
+                self._segments.write_sealed(offsets[0], data)
             except SegmentWriteError as exc:
                 self._write_failed(exc.error, "a segment file")
+                break
+            except OSError as exc:  # statvfs failed: the directory is gone
+                self._write_failed(exc, "a segment file")
                 break
             end = 0
             for offset, body in zip(offsets, bodies, strict=True):

@@ -34,9 +34,11 @@ class RecoveryMixin(FaultsMixin):
         if self._closed:
             return
         with self._cond:
-            dir_gone, problems = self._state.check()
-            gone = self._segments.missing(list(self._segments.sizes))
-        if not (dir_gone or problems or gone):
+            firsts = list(self._segments.sizes)
+        # A first look without the spool lock (a stat per file): a segment retired or created
+        # meanwhile can mislead it, so anything it finds is looked at again with the locks.
+        dir_gone, problems = self._state.check()
+        if not (dir_gone or problems or self._segments.missing(firsts)):
             return
         with self._read_lock, self._cond:
             # Again with both locks: a commit may have retired a segment meanwhile.

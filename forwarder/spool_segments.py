@@ -199,7 +199,9 @@ class SegmentFiles:
     # -- integrity ----------------------------------------------------------------------
 
     def missing(self, firsts: list[int]) -> list[int]:
-        """Which of these segments have been deleted (the active one: unlinked while open)."""
+        """Which of these segments have been deleted (the active one: unlinked while open).
+
+        Exact with the spool lock held; without it, a hint (files come and go meanwhile)."""
         gone = []
         for first in firsts:
             if first not in self.sizes:

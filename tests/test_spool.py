@@ -428,6 +428,23 @@ def test_offsets_stay_above_everything_handed_out_when_an_older_copy_comes_back(
     again.close()
 
 
+def test_a_spool_of_the_previous_version_is_taken_over(tmp_path: Path) -> None:
+    """A spool with a `cursor` file and no state file (the previous version's layout): its
+    cursor is honoured, its frames replayed, the file replaced by the state file."""
+    spool = DiskSpool(tmp_path, ROUTES, max_bytes=1 << 30)
+    put(spool, frames(0, 0, 6))
+    spool.close()
+    (tmp_path / "state").unlink()
+    (tmp_path / "cursor").write_text("2")  # Redis had confirmed offsets 1 and 2
+    again = DiskSpool(tmp_path, ROUTES, max_bytes=1 << 30)
+    assert drain(again) == [b'{"n":%d}' % i for i in range(2, 6)]
+    put(again, frames(0, 6, 1))
+    assert again.peek(1, 0)[0][0] > 6
+    again.close()
+    assert not (tmp_path / "cursor").exists()
+    assert (tmp_path / "state").exists()
+
+
 def test_ensure_offsets_above_moves_the_next_offset(tmp_path: Path) -> None:
     """A reconcile with Redis' high-water mark: new offsets start above it, also after a
     restart."""
