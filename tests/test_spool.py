@@ -3,6 +3,7 @@ disk failing under it (full, deleted, an older copy restored)."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 import threading
 import time
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from forwarder.frames import Opcode, Oversized
 from forwarder.spool import SEGMENT_SUFFIX, DiskSpool, Entry, Route, SpoolError, entry_size
 from forwarder.spool_records import scan
+from forwarder.spool_segments import SegmentWriteError
 from tests.tmpfs import fill_up, mounted_tmpfs
 
 ROUTES = [
@@ -568,3 +570,80 @@ def test_a_damaged_length_field_does_not_hide_the_records_after_it(tmp_path: Pat
     again = DiskSpool(tmp_path, ROUTES, max_bytes=1 << 30)
     assert drain(again) == [b'{"n":1}', b'{"n":2}']
     again.close()
+
+
+class FailingDisk:
+    """Makes the spool's segment writes fail with ENOSPC while `failing` is set."""
+
+    def __init__(self, spool: DiskSpool) -> None:
+        self.failing = False
+        segments = spool._segments
+        write, write_sealed = segments.write, segments.write_sealed
+
+        def failing_write(first: int, data: bytes) -> tuple[int, int]:
+            self.check()
+            return write(first, data)
+
+        def failing_write_sealed(first: int, data: bytes) -> None:
+            self.check()
+            write_sealed(first, data)
+
+        segments.write = failing_write  # type: ignore[method-assign]
+        segments.write_sealed = failing_write_sealed  # type: ignore[method-assign]
+
+    def check(self) -> None:
+        if self.failing:
+            raise SegmentWriteError(OSError(errno.ENOSPC, "No space left on device"), False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_any_mix_with_a_failing_disk_keeps_exactly_the_uncommitted_in_order(
+    tmp_path_factory: pytest.TempPathFactory, data: st.DataObject
+) -> None:
+    """Against a model list, with the disk failing and recovering at random: memory-only
+    frames and frames on disk interleave, and peek still returns exactly the uncommitted
+    ones, in order, each once, also across restarts (taken with a working disk)."""
+    directory = tmp_path_factory.mktemp("spool")
+    clock = FakeClock()
+    cache_bytes = data.draw(st.sampled_from([1, 200, 1 << 20]))
+
+    def open_spool() -> tuple[DiskSpool, FailingDisk]:
+        spool = DiskSpool(
+            directory,
+            ROUTES,
+            max_bytes=1 << 30,
+            cache_bytes=cache_bytes,
+            segment_bytes=300,
+            clock=clock,
+        )
+        return spool, FailingDisk(spool)
+
+    spool, disk = open_spool()
+    model: list[bytes] = []
+    counter = 0
+    for _ in range(data.draw(st.integers(1, 30))):
+        action = data.draw(st.sampled_from(["append", "append", "commit", "fail", "restart"]))
+        if action == "append":
+            count = data.draw(st.integers(1, 6))
+            if spool.append(frames(counter % 2, counter, count), 8 * count):
+                model += [b'{"n":%d}' % i for i in range(counter, counter + count)]
+            counter += count
+        elif action == "commit":
+            batch = spool.peek(data.draw(st.integers(1, 20)), 0)
+            assert [e.payload for _, e in batch] == model[: len(batch)]
+            take = data.draw(st.integers(0, len(batch)))
+            spool.commit(batch[:take])
+            del model[:take]
+        elif action == "fail":
+            disk.failing = not disk.failing
+            clock.now += data.draw(st.sampled_from([0.0, 1.0]))
+        else:
+            disk.failing = False
+            spool.close()
+            assert spool.stats.lost == 0
+            spool, disk = open_spool()
+        assert spool.pending()[0] == len(model)
+    disk.failing = False
+    assert drain(spool) == model
+    spool.close()
