@@ -268,7 +268,9 @@ class Forwarder:
         #    does not take in time stays in the spool for the next start.
         self.writer.stop(deadline - 0.5)
         self.writer.join(max(0.1, deadline - time.monotonic()))
-        # 4. Spool: fsync, save the cursor, release the directory lock.
+        # 4. Spool: frames only in memory go to disk if it takes them (else they are counted
+        #    lost); fsync, save the cursor, release the lock. pending() then counts only
+        #    what is safe on disk, so the line below never claims more.
         self.spool.close()
         pending, _ = self.spool.pending()
         # 5. HTTP last, so /metrics can be scraped during the drain.
