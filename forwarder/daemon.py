@@ -387,7 +387,9 @@ class Forwarder:
         self.writer.stop(deadline - 0.5)
         self.writer.join(max(0.1, deadline - time.monotonic()))
         self.consumers.join(max(0.1, min(1.0, deadline - time.monotonic())))
-        # 4. Spool: fsync, save the cursor, release the directory lock.
+        # 4. Spool: frames only in memory go to disk if it takes them (else they are counted
+        #    lost); fsync, save the cursor, release the lock. pending() then counts only
+        #    what is safe on disk, so the line below never claims more.
         self.spool.close()
         pending, _ = self.spool.pending()
         # 5. HTTP last, so /metrics can be scraped during the drain.
@@ -437,6 +439,8 @@ class Forwarder:
             failed.append("discovery")
         if self.consumers.failed is not None:
             failed.append("consumers")
+        if self.spool.failed is not None:
+            failed.append("spool-fsync")
         return failed
 
     # -- health, readiness, status (called from HTTP threads) --------------------------------
@@ -458,7 +462,8 @@ class Forwarder:
         Policy: Redis answered the writer within REDIS_READY_AGE seconds and is not refusing
         writes for a configuration error (NOPERM, WRONGTYPE), at least
         `metrics.ready_min_connected` (a fraction, default 1.0 = all) of the subscriptions
-        are connected, and the daemon is not shutting down.
+        are connected, the spool can write to its disk (and lost nothing in the last minute),
+        and the daemon is not shutting down.
         """
         last_ok = self.writer_stats.last_ok_at
         redis_ok = (
@@ -473,10 +478,20 @@ class Forwarder:
         # subscribe to; later failures keep the last set running (the alert rule covers them).
         waiting = self.discovery.never_listed()
         consumers_ok, consumers_error = self.consumers.readiness()
-        ok = redis_ok and enough and not waiting and consumers_ok and not self._stopping
+        spool_problem = self.spool.problem()
+        ok = (
+            redis_ok
+            and enough
+            and not waiting
+            and consumers_ok
+            and spool_problem is None
+            and not self._stopping
+        )
         return ok, {
             "ready": ok,
             "redis_ok": redis_ok,
+            "spool_ok": spool_problem is None,
+            "spool_problem": spool_problem,
             "discovery_waiting_for_first_listing": waiting,
             "consumers_error": redact(consumers_error) if consumers_error else None,
             "connected": connected,

@@ -73,7 +73,7 @@ _COUNTERS = (
     ),
     (
         "forwarder_messages_dropped",
-        "Frames refused because the spool was full (see spool.max_bytes).",
+        "Frames the spool refused (see forwarder_spool_dropped_total for why).",
         "dropped",
     ),
     (
@@ -376,7 +376,7 @@ class ForwarderCollector(Collector):
         )
         yield GaugeMetricFamily(
             "forwarder_spool_max_bytes",
-            "spool.max_bytes: at this size new frames are refused.",
+            "spool.max_bytes: beyond it new frames are refused while Redis is unavailable.",
             value=spool.max_bytes,
         )
         oldest = spool.oldest_received_at
@@ -392,6 +392,7 @@ class ForwarderCollector(Collector):
             "Spool records skipped because their checksum or framing was wrong.",
             value=spool.stats.corrupt_records,
         )
+        yield from _spool_health(spool)
         age = self._writer.last_ok_at
         yield GaugeMetricFamily(
             "forwarder_redis_last_success_age_seconds",
@@ -403,6 +404,54 @@ class ForwarderCollector(Collector):
         )
         info.add_metric((__version__,), 1.0)
         yield info
+
+
+def _spool_health(spool: DiskSpool) -> Iterable[Metric]:
+    """The spool's disk: can it write, what went through memory only, what was refused or
+    lost (none of these has source/event labels)."""
+    stats = spool.stats
+    yield GaugeMetricFamily(
+        "forwarder_spool_writable",
+        "1 while the spool's last write to disk succeeded (0: frames go through memory only).",
+        value=1.0 if spool.writable else 0.0,
+    )
+    yield CounterMetricFamily(
+        "forwarder_spool_write_errors",
+        "Failed writes, fsyncs or state saves in the spool directory (disk full, I/O errors).",
+        value=stats.write_errors,
+    )
+    yield CounterMetricFamily(
+        "forwarder_spool_memory_only",
+        "Frames the disk could not take, kept in memory only on their way to Redis.",
+        value=stats.memory_only,
+    )
+    yield GaugeMetricFamily(
+        "forwarder_spool_memory_only_messages",
+        "Frames in memory only now, not yet confirmed by Redis: a crash would lose them.",
+        value=spool.memory_only(),
+    )
+    dropped = CounterMetricFamily(
+        "forwarder_spool_dropped",
+        "Frames the spool refused, by reason: max_bytes (full while Redis is unavailable) "
+        "or write_error (the disk failing and spool.memory_bytes used up).",
+        labels=("reason",),
+    )
+    for reason, count in list(stats.dropped.items()):
+        dropped.add_metric((reason,), count)
+    yield dropped
+    yield CounterMetricFamily(
+        "forwarder_spool_lost",
+        "Frames the spool had taken and lost before Redis confirmed them (files deleted under "
+        "it, or in memory only at the stop).",
+        value=stats.lost,
+    )
+    free = spool.free_bytes()
+    if free is not None:
+        yield GaugeMetricFamily(
+            "forwarder_spool_filesystem_free_bytes",
+            "Free bytes on the filesystem of the spool directory.",
+            value=free,
+        )
 
 
 def build_registry(collector: ForwarderCollector) -> CollectorRegistry:

@@ -81,7 +81,6 @@ RECV_BYTES = 256 * 1024
 COALESCE_BELOW = 64 * 1024  # bytes: a smaller chunk is followed by COALESCE_PAUSE
 COALESCE_PAUSE = 0.001  # seconds
 BACKLOG_WAIT = 0.05  # at most this long a reader waits for a lagging (healthy) writer
-DROP_LOG_INTERVAL = 10.0  # seconds between two ERROR lines about a full buffer
 CLOSE_ECHO_TIMEOUT = 2.0  # how long a closing connection is read for the server's close frame
 TOKEN_CHECK_INTERVAL = 60.0  # re-read the token's exp claim this often while connected
 # Displacement evidence (see the module docstring).
@@ -297,7 +296,6 @@ class Subscriber:
         self._lock = threading.Lock()
         self._links: list[_Link] = []
         self._forced = False  # force_stop() ran: a connection opened later is shut at once
-        self._last_drop_log = -DROP_LOG_INTERVAL
         # Subscriber-thread state for gaps, displacement and flapping.
         self._gap: _Gap | None = None
         self._heard_wall = 0.0  # unix time of the last data frame, or of the last (re)connect
@@ -759,20 +757,7 @@ class Subscriber:
             # during an outage). Nothing is lost: the next frames wait in the socket buffer.
             self._spool.wait_for_writer(BACKLOG_WAIT)
             return
-        stats.dropped += len(entries)
-        now = self._clock()
-        if now - self._last_drop_log >= DROP_LOG_INTERVAL:
-            self._last_drop_log = now
-            pending, pending_bytes = self._spool.pending()
-            log.error(
-                "%s: buffer full (%d frames, %d bytes waiting for Redis): dropped %d frames; "
-                "%d dropped so far (forwarder_messages_dropped_total)",
-                self._name,
-                pending,
-                pending_bytes,
-                len(entries),
-                stats.dropped,
-            )
+        stats.dropped += len(entries)  # the spool has logged why (rate-limited)
         entries.clear()
 
     def _send_close(self, link: _Link, code: int) -> None:
@@ -876,7 +861,7 @@ class Subscriber:
         entry = Entry(self._index, GAP, orjson.dumps(record), end)
         if not self._spool.append([entry], entry_size(entry)):
             log.warning(
-                "%s: buffer full: the gap record %s..%s (%s) could not be kept",
+                "%s: the spool refused the gap record %s..%s (%s): it is not kept",
                 self._name,
                 _utc(start),
                 _utc(end),
