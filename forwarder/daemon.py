@@ -30,7 +30,8 @@ from forwarder.http import HttpServer
 from forwarder.logs import redact
 from forwarder.metrics import ForwarderCollector, build_registry
 from forwarder.notify import Notifier, format_status
-from forwarder.sink import IDLE_PING_SECONDS, RedisWriter, make_client
+from forwarder.redis_target import make_client
+from forwarder.sink import IDLE_PING_SECONDS, RedisWriter
 from forwarder.spool import DiskSpool, Route
 from forwarder.stats import State, SubscriptionStats, WriterStats
 from forwarder.subscriber import CLOSE_ECHO_TIMEOUT, Connector, Subscriber, websocket_connect
@@ -348,11 +349,25 @@ class Forwarder:
         return ok, {
             "ready": ok,
             "redis_ok": redis_ok,
+            "redis_reason": None if redis_ok else self._redis_reason(last_ok),
             "connected": connected,
             "subscriptions": total,
             "min_connected_ratio": self.config.metrics.ready_min_connected,
             "stopping": self._stopping,
         }
+
+    def _redis_reason(self, last_ok: float | None) -> str:
+        """Why Redis does not count as taking our writes (for /readyz), redacted."""
+        stats = self.writer_stats
+        if stats.config_error is not None:
+            return redact(stats.config_error)
+        if last_ok is None:
+            return "no answer from Redis yet" + (
+                f" (last error: {redact(stats.last_error)})" if stats.last_error else ""
+            )
+        return f"no answer from Redis for {REDIS_READY_AGE:.0f}s" + (
+            f" (last error: {redact(stats.last_error)})" if stats.last_error else ""
+        )
 
     def status(self) -> dict[str, Any]:
         now = time.time()
@@ -371,6 +386,7 @@ class Forwarder:
                 "last_error": redact(self.writer_stats.last_error or "") or None,
                 "errors": dict(self.writer_stats.errors),
                 "config_error": redact(self.writer_stats.config_error or "") or None,
+                "replayed": self.writer_stats.replayed,
             },
             "spool": {
                 "dir": str(self.config.spool.dir),

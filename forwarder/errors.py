@@ -8,7 +8,6 @@ leave our wrapper code, with a message that never contains the token.
     ├── SubscriberError        one WebSocket connection failed
     │   ├── HandshakeRejected  the upgrade was answered with an HTTP status (401, 5xx…)
     │   └── ConnectFailed      no HTTP answer at all (refused, timeout, TLS, DNS)
-    └── SinkError              a Redis write failed
 """
 
 from __future__ import annotations
@@ -48,11 +47,3 @@ class HandshakeRejected(SubscriberError):
 
 class ConnectFailed(SubscriberError):
     """The connection failed before any HTTP status was received."""
-
-
-class SinkError(ForwarderError):
-    """A Redis write failed; ``kind`` is the bounded error class used as a metric label."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind

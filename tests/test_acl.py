@@ -270,3 +270,58 @@ def test_missing_xadd_permission_loses_nothing(
     wait_for(lambda: forwarder.stats[0].forwarded == 5, 5, "the kept frames written")
     frames = [f[b"data"] for _, f in xrange(redis_client, "wa:main:messages.upsert")]
     assert frames == simulator.delivered_frames("main", "messages.upsert")
+
+
+@pytest.mark.parametrize("who", ["wrong password", "unknown user"])
+def test_refused_credentials_are_an_auth_error_until_fixed(
+    who: str,
+    acl_user: AclUser,
+    make_config: ConfigFactory,
+    run_forwarder: Callable[..., Forwarder],
+    simulator: Simulator,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WRONGPASS is kind="auth", /readyz 503 with the reason, one ERROR; fixed, all lands."""
+    monkeypatch.setattr(sink, "AUTH_RETRY_SECONDS", 0.1)  # many refusals within the test
+    caplog.set_level(logging.INFO, logger="forwarder")
+    secret = secrets.token_hex(16)
+    user = ACL_USER if who == "wrong password" else "ghost"
+    port = acl_user.url.rsplit(":", 1)[1]
+    config = make_config(
+        {"main": ["messages.upsert"]},
+        stream=STREAM,
+        extra_source=FAST,
+        environ={"FORWARDER_REDIS_URL": f"redis://{user}:{secret}@127.0.0.1:{port}"},
+    )
+    forwarder = run_forwarder(config)
+    wait_for(lambda: connected(forwarder), 15, "connected")
+    try:
+        assert simulator.send("main", "messages.upsert", 5) == 5
+        wait_for(lambda: redis_errors(forwarder, "auth") >= 5, 15, "auth errors counted")
+        assert redis_errors(forwarder, "connection") == 0
+        code, body = scrape(forwarder, "/readyz")
+        assert code == 503
+        assert "authentication failed" in body
+        refusals = [
+            r for r in caplog.records if r.levelno == logging.ERROR and "credentials" in r.message
+        ]
+        assert len(refusals) == 1  # rate-limited: once a minute, not once per attempt
+        assert secret not in caplog.text
+        assert secret not in body
+    finally:
+        # The operator fixes the ACL to match redis.url: no restart needed.
+        if user == ACL_USER:
+            acl_user.admin.execute_command("ACL", "SETUSER", ACL_USER, f">{secret}")  # type: ignore[no-untyped-call]
+        else:
+            rule = ACL_RULE.replace("PASSWORD", secret).split()
+            acl_user.admin.execute_command("ACL", "SETUSER", "ghost", *rule)  # type: ignore[no-untyped-call]
+    try:
+        wait_for(lambda: forwarder.stats[0].forwarded == 5, 15, "the kept frames written")
+        wait_for(lambda: scrape(forwarder, "/readyz")[0] == 200, 15, "/readyz 200")
+        frames = [f[b"data"] for _, f in xrange(redis_client, "wa:main:messages.upsert")]
+        assert frames == simulator.delivered_frames("main", "messages.upsert")
+    finally:
+        if user != ACL_USER:
+            acl_user.admin.acl_deluser("ghost")
