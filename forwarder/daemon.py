@@ -20,8 +20,6 @@ from dataclasses import replace
 from types import FrameType
 from typing import Any
 
-import redis
-
 from forwarder import __version__
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
 from forwarder.config import Config, Subscription, redact_url
@@ -30,7 +28,7 @@ from forwarder.http import HttpServer
 from forwarder.logs import redact
 from forwarder.metrics import ForwarderCollector, build_registry
 from forwarder.notify import Notifier, format_status
-from forwarder.redis_target import make_client
+from forwarder.redis_target import RedisTarget, make_target
 from forwarder.sink import IDLE_PING_SECONDS, RedisWriter
 from forwarder.spool import DiskSpool, Route
 from forwarder.stats import State, SubscriptionStats, WriterStats
@@ -60,7 +58,7 @@ class Forwarder:
     def __init__(
         self,
         config: Config,
-        client: redis.Redis | None = None,
+        target: RedisTarget | None = None,
         connect: Connector = websocket_connect,
         rand: Callable[[], float] = random.random,
         notifier: Notifier | None = None,
@@ -91,7 +89,8 @@ class Forwarder:
             SubscriptionStats(r.source, r.event, r.stream, configured=i < len(routes))
             for i, r in enumerate(self.spool.routes)
         ]
-        self.client = client if client is not None else make_client(config.redis)
+        # Single Redis, Sentinel or Cluster; it connects on first use, in the writer thread.
+        self.target = target if target is not None else make_target(config.redis)
         self.stop_event = threading.Event()
         self._signalled = False
         self._started_at = time.time()
@@ -101,7 +100,7 @@ class Forwarder:
         self._limiter = AttemptLimiter(CONNECT_RATE, CONNECT_BURST)
         self.subscribers = [self._subscriber(i, sub) for i, sub in enumerate(subscriptions)]
         self.writer = RedisWriter(
-            self.client, self.spool, self.stats, self.writer_stats, config.redis, rand
+            self.target, self.spool, self.stats, self.writer_stats, config.redis, rand
         )
         collector = ForwarderCollector(lambda: self.stats, self.writer_stats, self.spool)
         self.registry = build_registry(collector)
@@ -276,7 +275,7 @@ class Forwarder:
         self.http.stop()
         self.http.join(1.0)
         # 6. Redis connections.
-        self.client.close()
+        self.target.close()
         failed = self._failed_threads()
         if pending:
             log.warning(
@@ -382,6 +381,7 @@ class Forwarder:
             "ready": ready,
             "redis": {
                 "url": redact_url(self.config.redis.url),
+                **self.target.describe(),  # topology, current master(s)
                 "last_success_age_seconds": None if last_ok is None else round(mono - last_ok, 3),
                 "last_error": redact(self.writer_stats.last_error or "") or None,
                 "errors": dict(self.writer_stats.errors),

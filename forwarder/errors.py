@@ -8,6 +8,7 @@ leave our wrapper code, with a message that never contains the token.
     ├── SubscriberError        one WebSocket connection failed
     │   ├── HandshakeRejected  the upgrade was answered with an HTTP status (401, 5xx…)
     │   └── ConnectFailed      no HTTP answer at all (refused, timeout, TLS, DNS)
+    └── NotReplicated          fewer replicas than redis.wait_replicas confirmed a write
 """
 
 from __future__ import annotations
@@ -47,3 +48,8 @@ class HandshakeRejected(SubscriberError):
 
 class ConnectFailed(SubscriberError):
     """The connection failed before any HTTP status was received."""
+
+
+class NotReplicated(ForwarderError):
+    """Redis applied a batch but WAIT saw fewer replicas confirm it than configured: the
+    batch stays in the spool and is sent again (the high-water mark makes that safe)."""

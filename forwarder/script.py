@@ -15,10 +15,13 @@ taking them for written.
 from __future__ import annotations
 
 import base64
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
+from redis.crc import key_slot
 
 from forwarder.decode import invalid_reason
 from forwarder.frames import Opcode, Oversized
@@ -33,76 +36,95 @@ WRITTEN = ord("w")  # XADD applied by this call
 SKIPPED = ord("s")  # at or below the mark: applied by an earlier call
 REFUSED = ord("e")  # XADD refused on the entry's merits (now or by an earlier call)
 
-# KEYS[1]: the high-water mark; KEYS[2..]: one per stream slot.
-# ARGV[1]: mark ttl; ARGV[2]: maxlen ('0' = none); ARGV[3]: the batch's last offset;
-# ARGV[4]: the batch's first offset (refusal records below it are settled and pruned);
-# ARGV[5]: the number of slots S, then S pairs (event, source) for KEYS[2..S+1]. Then per
-# entry, either a frame, in 4 arguments (the hot path: few arguments to pack and parse):
-#   offset, slot key index k > 1, received_at (ms), data
+# KEYS[1..S]: the streams of this call; KEYS[S+1..2S]: their marks; KEYS[2S+1]: the
+# mark of the previous version (one per spool, read as a floor), if ARGV[4] is '1'.
+# ARGV[1]: mark ttl; ARGV[2]: maxlen ('0' = none); ARGV[3]: S; ARGV[4]: legacy flag;
+# ARGV[5]: the spool's first uncommitted offset (refusal records below it are settled and
+# pruned); ARGV[6..5+S]: per stream, the last offset of this call's entries for it; then
+# R, the number of routes, and R triples (stream index, event, source). Then per entry,
+# either a frame, in 4 arguments (the hot path: few arguments to pack and parse):
+#   offset, route index r > 0, received_at (ms), data
 # or any other entry (dead letters, gap records):
-#   offset, -k, trim flag (1/0), field count n, n field/value items.
+#   offset, -s (stream index), trim flag (1/0), field count n, n field/value items.
 # Returns {statuses, {offset, error, ...}}: one status byte per entry (w, s, e; see above)
 # and the refusals; or {statuses, refusals, offset, error} when it stopped at a
 # configuration error (NOPERM, WRONGTYPE): that entry and the rest are left for a later
-# retry (the statuses stop before it), the mark says where.
+# retry (the statuses stop before it), the marks say where.
 # The `#!lua` line makes Redis 7 refuse the whole script up front under OOM, instead of
 # failing half-way.
 WRITE_BATCH = """#!lua
 local ttl = ARGV[1]
-local raw = redis.call('GET', KEYS[1])
-local hwm, records = 0, ''
-if raw then
-  local nl = string.find(raw, '\\n', 1, true)
-  if nl then
-    hwm = tonumber(string.sub(raw, 1, nl - 1))
-    records = string.sub(raw, nl + 1)
-  else
-    hwm = tonumber(raw)
+local maxlen = ARGV[2]
+local trim = maxlen ~= '0'
+local S = tonumber(ARGV[3])
+local floor = tonumber(ARGV[5])
+local legacy = 0
+if ARGV[4] == '1' then legacy = tonumber(redis.call('GET', KEYS[2 * S + 1]) or '0') end
+local hwm, last, records, added, applied, refused = {}, {}, {}, {}, {}, {}
+for s = 1, S do
+  local raw = redis.call('GET', KEYS[S + s])
+  local h, r = 0, ''
+  if raw then
+    local nl = string.find(raw, '\\n', 1, true)
+    if nl then
+      h = tonumber(string.sub(raw, 1, nl - 1))
+      r = string.sub(raw, nl + 1)
+    else
+      h = tonumber(raw)
+    end
   end
+  if h < legacy then h = legacy end
+  hwm[s] = h
+  applied[s] = h
+  records[s] = r
+  added[s] = ''
+  last[s] = math.max(h, tonumber(ARGV[5 + s]))
 end
-local last = tonumber(ARGV[3])
-local floor = tonumber(ARGV[4])
-local refused = nil -- offset -> error of earlier refusals, parsed when first needed
-local added = ''
-local function save(mark)
+local function save(s, mark)
   -- The mark, then the refusals of entries the spool has not committed yet.
   local keep = {}
-  for off, err in string.gmatch(records .. added, '(%d+) ([^\\n]*)\\n') do
+  for off, err in string.gmatch(records[s] .. added[s], '(%d+) ([^\\n]*)\\n') do
     if tonumber(off) >= floor then keep[#keep + 1] = off .. ' ' .. err .. '\\n' end
   end
   local value = tostring(mark)
   if #keep > 0 then value = value .. '\\n' .. table.concat(keep) end
-  redis.call('SET', KEYS[1], value, 'EX', ttl)
+  redis.call('SET', KEYS[S + s], value, 'EX', ttl)
 end
--- Claim the batch first: if this SET is refused, nothing below has run.
-if last > hwm then save(last) end
-local maxlen = ARGV[2]
-local trim = maxlen ~= '0'
+-- Claim the batch first: if a SET is refused, nothing below has run. Marks with nothing
+-- new are written too, so that a WAIT after a re-sent batch waits for what the first send
+-- wrote (WAIT counts the writes of its own connection).
+for s = 1, S do save(s, last[s]) end
+local base = 6 + S
+local R = tonumber(ARGV[base])
+local route = {}
+for r = 1, R do route[r] = tonumber(ARGV[base + 3 * r - 2]) end
 local status = {}
 local errors = {}
-local applied = hwm
-local i = 6 + 2 * tonumber(ARGV[5])
+local i = base + 3 * R + 1
 while i <= #ARGV do
   local off = tonumber(ARGV[i])
   local k = tonumber(ARGV[i + 1])
+  local s
   local r = nil
   local nexti
   if k > 0 then
-    if off > hwm then
-      local s = 2 + 2 * k
+    s = route[k]
+    if off > hwm[s] then
+      local a = base + 3 * k
       if trim then
-        r = redis.pcall('XADD', KEYS[k], 'MAXLEN', '~', maxlen, '*', 'data', ARGV[i + 3],
-          'event', ARGV[s], 'source', ARGV[s + 1], 'received_at', ARGV[i + 2])
+        r = redis.pcall('XADD', KEYS[s], 'MAXLEN', '~', maxlen, '*', 'data', ARGV[i + 3],
+          'event', ARGV[a - 1], 'source', ARGV[a], 'received_at', ARGV[i + 2])
       else
-        r = redis.pcall('XADD', KEYS[k], '*', 'data', ARGV[i + 3],
-          'event', ARGV[s], 'source', ARGV[s + 1], 'received_at', ARGV[i + 2])
+        r = redis.pcall('XADD', KEYS[s], '*', 'data', ARGV[i + 3],
+          'event', ARGV[a - 1], 'source', ARGV[a], 'received_at', ARGV[i + 2])
       end
     end
     nexti = i + 4
   else
+    s = -k
     local n = tonumber(ARGV[i + 3])
-    if off > hwm then
-      local cmd = {'XADD', KEYS[-k]}
+    if off > hwm[s] then
+      local cmd = {'XADD', KEYS[s]}
       if ARGV[i + 2] == '1' and trim then
         cmd[3] = 'MAXLEN'; cmd[4] = '~'; cmd[5] = maxlen
       end
@@ -114,11 +136,12 @@ while i <= #ARGV do
   end
   if r == nil then
     -- Skipped: applied by an earlier call, or refused by it (then say so again).
-    if refused == nil then
-      refused = {}
-      for o, err in string.gmatch(records, '(%d+) ([^\\n]*)\\n') do refused[tonumber(o)] = err end
+    if refused[s] == nil then
+      local t = {}
+      for o, err in string.gmatch(records[s], '(%d+) ([^\\n]*)\\n') do t[tonumber(o)] = err end
+      refused[s] = t
     end
-    local err = refused[off]
+    local err = refused[s][off]
     if err then
       status[#status + 1] = 'e'
       errors[#errors + 1] = off
@@ -133,22 +156,24 @@ while i <= #ARGV do
     if string.sub(e, 1, 6) == 'NOPERM' or string.sub(e, 1, 9) == 'WRONGTYPE'
         or string.find(e, "can't run", 1, true) or string.find(e, "can't access", 1, true)
         or string.find(e, 'no permissions', 1, true) then
-      save(applied)
+      for t = 1, S do save(t, applied[t]) end
       return {table.concat(status), errors, off, e}
     end
     e = string.gsub(e, '\\n', ' ')
     status[#status + 1] = 'e'
     errors[#errors + 1] = off
     errors[#errors + 1] = e
-    added = added .. off .. ' ' .. e .. '\\n'
-    applied = off
+    added[s] = added[s] .. off .. ' ' .. e .. '\\n'
+    applied[s] = off
   else
     status[#status + 1] = 'w'
-    applied = off
+    applied[s] = off
   end
   i = nexti
 end
-if added ~= '' then save(last) end
+for s = 1, S do
+  if added[s] ~= '' then save(s, last[s]) end
+end
 return {table.concat(status), errors}
 """
 
@@ -178,24 +203,113 @@ def _text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-class Packer:
-    """Builds the script's keys and arguments for a batch (the writer's per-frame hot path)."""
+def hash_tag(key: str) -> str:
+    """What Redis Cluster hashes of a key: the text inside its first {...} when that is not
+    empty, else the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
 
-    def __init__(self, routes: Sequence[Route], maxlen: int | None, gap_stream: str) -> None:
+
+def slot(key: str) -> int:
+    """The key's Redis Cluster hash slot (0..16383)."""
+    return int(key_slot(key.encode()))
+
+
+@functools.cache
+def _tag_for_slot(target: int) -> str:
+    """A short hash tag of the given slot, for a stream whose own name cannot serve as one."""
+    for i in range(1 << 20):  # bounded; every slot is reached well before (about 16k tries)
+        if slot(str(i)) == target:
+            return str(i)
+    raise AssertionError(f"no tag found for slot {target}")
+
+
+@functools.cache
+def mark_key(stream: str, writer_id: str, suffix: str = "") -> str:
+    """The high-water-mark key of `stream` for the spool `writer_id`, in the stream's hash
+    slot: forwarder:hwm:{<stream>}:<id> for a stream without a hash tag, else
+    forwarder:hwm:{<tag>}:<id>:<stream> (several streams may share a tag)."""
+    tag = hash_tag(stream)
+    if "}" in tag:  # e.g. "a}b": no {...} of ours could hash like it; borrow a short tag
+        tag = _tag_for_slot(slot(stream))
+    key = f"forwarder:hwm:{{{tag}}}:{writer_id}{suffix}"
+    return key if tag == stream else f"{key}:{stream}"
+
+
+def legacy_mark_key(writer_id: str, suffix: str = "") -> str:
+    """The previous version's one mark per spool: a floor for entries it wrote."""
+    return f"forwarder:hwm:{writer_id}{suffix}"
+
+
+class Call(NamedTuple):
+    """One script call: its keys, arguments, and the entries' dead-letter reasons."""
+
+    keys: list[str]
+    args: list[bytes | str | int]
+    invalid: dict[int, str]
+
+
+class Packer:
+    """Builds the script's keys and arguments for a batch (the writer's per-frame hot path).
+
+    `cluster`: every call must stay within one hash slot (`groups` splits a batch so), and
+    the previous version's per-spool mark is not read (it never ran on a cluster).
+    """
+
+    def __init__(
+        self,
+        routes: Sequence[Route],
+        maxlen: int | None,
+        gap_stream: str,
+        writer_id: str,
+        cluster: bool = False,
+    ) -> None:
         self._routes = routes  # the spool's list: it grows when a reload adds a route
         self._maxlen = str(maxlen or 0)
         self._gap_stream = gap_stream
+        self._writer_id = writer_id
+        self._cluster = cluster
 
-    def pack(
-        self, hwm_key: str, batch: Batch, rejected: dict[int, str], floor: int
-    ) -> tuple[list[str], list[bytes | str | int], dict[int, str]]:
-        """Script keys and arguments for a batch (see WRITE_BATCH); also {offset: reason}
-        for the entries that go to a dead-letter stream. `rejected`: entries Redis refused
-        once, to be dead-lettered with that error. `floor`: the first offset the spool has
-        not committed (refusal records below it are settled)."""
-        keys: list[str] = [hwm_key]
-        slot_args: list[bytes | str | int] = []
-        slots: dict[tuple[str, str, str], int] = {}
+    def destination(self, offset: int, entry: Entry, rejected: dict[int, str]) -> str:
+        """The stream an entry goes to."""
+        if self._valid_frame(offset, entry, rejected):
+            return self._routes[entry.subscription].stream
+        return self._route(entry, rejected.get(offset))[0]
+
+    def groups(self, batch: Batch, rejected: dict[int, str]) -> list[Batch]:
+        """The batch split into one part per hash slot on a cluster (offsets stay
+        increasing within each part); the whole batch otherwise."""
+        if not self._cluster:
+            return [batch]
+        parts: dict[int, Batch] = {}
+        for offset, entry in batch:
+            key = slot(self.destination(offset, entry, rejected))
+            parts.setdefault(key, []).append((offset, entry))
+        return list(parts.values())
+
+    def _valid_frame(self, offset: int, entry: Entry, rejected: dict[int, str]) -> bool:
+        opcode, payload = entry.opcode, entry.payload
+        return (
+            opcode == TEXT
+            and type(payload) is bytes
+            and offset not in rejected
+            and invalid_reason(opcode, payload) is None
+        )
+
+    def pack(self, batch: Batch, rejected: dict[int, str], floor: int, suffix: str = "") -> Call:
+        """The script call for a batch (see WRITE_BATCH) whose streams share a slot on a
+        cluster. `rejected`: entries Redis refused once, to be dead-lettered with that error.
+        `floor`: the spool's first uncommitted offset. `suffix`: the marks' namespace (the
+        dead-letter pass for refused entries keeps its own)."""
+        streams: dict[str, int] = {}
+        last: list[int] = []
+        route_args: list[bytes | str | int] = []
+        route_ids: dict[int, int] = {}  # the spool's route index -> the call's route r
+        route_stream: dict[int, int] = {}  # the call's route r -> its stream index s
         entry_args: list[bytes | str | int] = []
         invalid: dict[int, str] = {}
         routes = self._routes
@@ -207,35 +321,45 @@ class Packer:
                 and offset not in rejected
                 and invalid_reason(opcode, payload) is None
             ):
-                route = routes[route_index]
-                slot = (route.stream, route.event, route.source)
-                k = slots.get(slot)
-                if k is None:
-                    keys.append(route.stream)
-                    slot_args += (route.event, route.source)
-                    k = slots[slot] = len(keys)
-                entry_args += (offset, k, int(received_at * 1000), payload)
+                r = route_ids.get(route_index)
+                if r is None:
+                    route = routes[route_index]
+                    s = streams.get(route.stream)
+                    if s is None:
+                        s = streams[route.stream] = len(streams) + 1
+                        last.append(0)
+                    route_args += (s, route.event, route.source)
+                    r = route_ids[route_index] = len(route_ids) + 1
+                    route_stream[r] = s
+                last[route_stream[r] - 1] = offset
+                entry_args += (offset, r, int(received_at * 1000), payload)
                 continue
             stream, trim, fields, reason = self._route(entry, rejected.get(offset))
             if reason is not None:
                 invalid[offset] = reason
-            slot = (stream, "", "")
-            k = slots.get(slot)
-            if k is None:
-                keys.append(stream)
-                slot_args += ("", "")
-                k = slots[slot] = len(keys)
-            entry_args += (offset, -k, trim, len(fields), *fields)
+            s = streams.get(stream)
+            if s is None:
+                s = streams[stream] = len(streams) + 1
+                last.append(0)
+            last[s - 1] = offset
+            entry_args += (offset, -s, trim, len(fields), *fields)
+        names = list(streams)
+        keys = [*names, *(mark_key(n, self._writer_id, suffix) for n in names)]
+        legacy = not self._cluster
+        if legacy:
+            keys.append(legacy_mark_key(self._writer_id, suffix))
         args: list[bytes | str | int] = [
             HWM_TTL_SECONDS,
             self._maxlen,
-            batch[-1][0],
+            len(names),
+            "1" if legacy else "0",
             floor,
-            len(keys) - 1,
-            *slot_args,
+            *last,
+            len(route_ids),
+            *route_args,
             *entry_args,
         ]
-        return keys, args, invalid
+        return Call(keys, args, invalid)
 
     def _route(
         self, entry: Entry, error: str | None

@@ -17,6 +17,7 @@ the error. Nothing is lost and order within each stream is kept.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import threading
@@ -25,10 +26,12 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import hiredis
-import redis
 import redis.exceptions as rex
+from redis.connection import Connection
 
 from forwarder.config import RedisConfig
+from forwarder.errors import NotReplicated
+from forwarder.redis_target import RedisTarget
 from forwarder.script import (
     REFUSED,
     SKIPPED,
@@ -77,7 +80,13 @@ def error_kind(exc: BaseException) -> str:
     """Bounded class of a Redis error (the `kind` label of forwarder_redis_errors_total)."""
     # redis-py strips the error prefix (READONLY, OOM…) from the message and maps it to a
     # class; replies it does not map keep their prefix in the text.
+    if isinstance(exc, NotReplicated):
+        return "replication"
     for cls, kind in (
+        (rex.AskError, "cluster"),  # MOVED, ASK, TRYAGAIN, CLUSTERDOWN: slots on the move
+        (rex.TryAgainError, "cluster"),
+        (rex.ClusterDownError, "cluster"),
+        (rex.SlotNotCoveredError, "cluster"),
         (rex.TimeoutError, "timeout"),
         (rex.AuthenticationError, "auth"),  # a ConnectionError subclass: test it first
         (rex.AuthenticationWrongNumberOfArgsError, "auth"),
@@ -102,6 +111,8 @@ def error_kind(exc: BaseException) -> str:
         ("WRONGTYPE", "wrongtype"),
         ("WRONGPASS", "auth"),
         ("NOAUTH", "auth"),
+        ("NOREPLICAS", "replication"),
+        ("CROSSSLOT", "cluster"),
     ):
         if text.startswith(prefix):
             return kind
@@ -117,22 +128,31 @@ class RedisWriter:
 
     def __init__(
         self,
-        client: redis.Redis,
+        target: RedisTarget,
         spool: DiskSpool,
         stats: Sequence[SubscriptionStats],
         writer_stats: WriterStats,
         config: RedisConfig,
         rand: Callable[[], float] = random.random,
     ) -> None:
-        self._client = client
+        self._target = target
         self._spool = spool
         self._stats = stats  # by route index, like the spool's routes
         self._wstats = writer_stats
         self._config = config
         self._rand = rand
-        self._hwm_key = f"forwarder:hwm:{spool.writer_id}"
-        self._script = client.register_script(WRITE_BATCH)
-        self._packer = Packer(spool.routes, config.maxlen, config.gap_stream)
+        self._sha = hashlib.sha1(WRITE_BATCH.encode()).hexdigest()  # noqa: S324 - Redis' name
+        self._packer = Packer(
+            spool.routes, config.maxlen, config.gap_stream, spool.writer_id, target.cluster
+        )
+        # WAIT n ms after each call (see docs/redis.md, "Replicas and failover").
+        self._wait_command = (
+            hiredis.pack_command(
+                ("WAIT", config.wait_replicas, max(1, int(config.wait_timeout * 1000)))  # type: ignore[arg-type]
+            )
+            if config.wait_replicas
+            else None
+        )
         self._thread = threading.Thread(target=self._run, name="redis-writer", daemon=True)
         # Set by stop(): exit once the spool is empty or the deadline has passed.
         self._stopping = threading.Event()
@@ -203,8 +223,9 @@ class RedisWriter:
 
     def _idle_ping(self) -> None:
         try:
-            self._client.ping()
+            self._target.ping()
         except rex.RedisError as exc:
+            self._target.failed(exc)
             if self._record_error(exc) == "auth":
                 self._auth_error(exc)
         else:
@@ -215,16 +236,32 @@ class RedisWriter:
     def _write(self, batch: Batch) -> int | None:
         """Write a prefix of `batch` until Redis confirms it and count it; returns the
         length of that prefix, or None if the shutdown deadline passed."""
-        settled = self._settle(self._hwm_key, batch, {}, batch[0][0])
-        if settled is None:
-            return None
+        floor = batch[0][0]
+        settled: list[Settled] = []
+        for group in self._packer.groups(batch, {}):  # one per hash slot on a cluster
+            done = self._settle_all(group, {}, floor, "")
+            if done is None:
+                return None
+            settled += done
         rejected = self._account(settled)
-        if rejected and not self._dead_letter_rejected(rejected, batch[0][0]):
+        if rejected and not self._dead_letter_rejected(rejected, floor):
             return None
-        return len(settled)
+        return len(batch)
+
+    def _settle_all(
+        self, entries: Batch, rejected: dict[int, str], floor: int, suffix: str
+    ) -> list[Settled] | None:
+        """`_settle` until every one of `entries` is settled; None at the deadline."""
+        settled: list[Settled] = []
+        while len(settled) < len(entries):
+            done = self._settle(entries[len(settled) :], rejected, floor, suffix)
+            if done is None:
+                return None
+            settled += done
+        return settled
 
     def _settle(
-        self, hwm_key: str, entries: Batch, rejected: dict[int, str], floor: int
+        self, entries: Batch, rejected: dict[int, str], floor: int, suffix: str
     ) -> list[Settled] | None:
         """Send `entries` (a prefix of them when Redis is slow) until Redis has settled
         each one; None if the shutdown deadline passed.
@@ -236,7 +273,7 @@ class RedisWriter:
         settled: list[Settled] = []
         pos = 0
         while True:
-            got = self._call(hwm_key, entries[pos:], rejected, floor)
+            got = self._call(entries[pos:], rejected, floor, suffix)
             if got is None:
                 return None
             part, reply, invalid, sent_before = got
@@ -272,8 +309,8 @@ class RedisWriter:
         idempotent too. False if the shutdown deadline passed."""
         errors = {s.offset: s.error or "refused" for s in rejected}
         entries: Batch = [(s.offset, s.entry) for s in rejected]
-        while entries:
-            settled = self._settle(self._hwm_key + ":rejected", entries, errors, floor)
+        for group in self._packer.groups(entries, errors):
+            settled = self._settle_all(group, errors, floor, ":rejected")
             if settled is None:
                 return False
             for s in settled:
@@ -290,11 +327,10 @@ class RedisWriter:
                     stats.lost += 1
                 else:
                     stats.invalid["redis_rejected"] = stats.invalid.get("redis_rejected", 0) + 1
-            entries = entries[len(settled) :]
         return True
 
     def _call(
-        self, hwm_key: str, entries: Batch, rejected: dict[int, str], floor: int
+        self, entries: Batch, rejected: dict[int, str], floor: int, suffix: str
     ) -> tuple[Batch, Reply, dict[int, str], int] | None:
         """Run the script on `entries` (or, after timeouts, a prefix) until Redis answers.
 
@@ -304,13 +340,14 @@ class RedisWriter:
         failures = 0
         while True:
             part = entries[: self._limit]
-            keys, args, invalid = self._packer.pack(hwm_key, part, rejected, floor)
+            call = self._packer.pack(part, rejected, floor, suffix)
             sent_before = self._sent_upto
             self._sent_upto = max(sent_before, part[-1][0])
             started = time.monotonic()
             try:
-                reply = parse_reply(self._evalsha(keys, args))
-            except rex.RedisError as exc:
+                reply = parse_reply(self._evalsha(call.keys, call.args))
+            except (rex.RedisError, NotReplicated) as exc:
+                self._target.failed(exc)  # e.g. reload a cluster's slot map
                 self._spool.writer_ok(False)  # readers must not wait for us now
                 kind = self._record_error(exc)
                 failures += 1
@@ -353,7 +390,7 @@ class RedisWriter:
             self._spool.writer_ok(True)
             if failures:
                 log.info("Redis writes recovered after %d failed attempts", failures)
-            return part, reply, invalid, sent_before
+            return part, reply, call.invalid, sent_before
 
     def _slow_down(self, size: int) -> None:
         """A call timed out: Redis may be slow rather than gone. Send smaller batches and
@@ -399,12 +436,7 @@ class RedisWriter:
         reply and the connection handshake (AUTH, CLIENT SETINFO) are both slow when Redis
         is. The pool is emptied so that no connection keeps the old timeout."""
         self._patience = patience
-        pool = self._client.connection_pool
-        kwargs = dict(pool.connection_kwargs)
-        kwargs["socket_timeout"] = self._config.socket_timeout * patience
-        pool.connection_kwargs = kwargs
-        pool.disconnect()
-        pool.reset()
+        self._target.set_socket_timeout(self._config.socket_timeout * patience)
 
     def _config_error(self, kind: str, error: str, size: int) -> None:
         self._wstats.config_error = error
@@ -440,34 +472,75 @@ class RedisWriter:
         self._wstats.config_error_kind = None
 
     def _evalsha(self, keys: list[str], args: list[bytes | str | int]) -> object:
-        """EVALSHA of WRITE_BATCH, packed by hiredis in one C call.
+        """EVALSHA of WRITE_BATCH on the node that owns the call's keys, packed by hiredis in
+        one C call, then WAIT on the same connection if `wait_replicas` asks for it.
 
         redis-py's own packing walks every argument in Python (four per frame here): it was
-        the writer's largest cost. Same connection pool, timeouts and errors as the client;
-        a NOSCRIPT (a restarted or flushed Redis) loads the script and sends it again, which
-        is safe: NOSCRIPT means nothing ran.
+        the writer's largest cost. A NOSCRIPT (a restarted, flushed or newly promoted node)
+        loads the script on that connection and sends the call again, which is safe:
+        NOSCRIPT means nothing ran. An ASK (a slot being migrated) sends it to the node named,
+        after ASKING.
         """
-        command = [
-            hiredis.pack_command(
-                ("EVALSHA", self._script.sha, len(keys), *keys, *args)  # type: ignore[arg-type]
-            )
-        ]
-        for attempt in (1, 2):
-            pool = self._client.connection_pool
-            conn = pool.get_connection()
-            try:
-                conn.send_packed_command(command)  # type: ignore[no-untyped-call]
-                return conn.read_response()
-            except rex.NoScriptError:
-                if attempt == 2:
+        command = hiredis.pack_command(
+            ("EVALSHA", self._sha, len(keys), *keys, *args)  # type: ignore[arg-type]
+        )
+        pool, conn = self._target.connection(keys[0])
+        held: Connection | None = conn  # released exactly once, in `finally`
+        asking = False
+        try:
+            for attempt in (1, 2, 3):
+                try:
+                    return self._send(conn, command, asking)
+                except rex.NoScriptError:
+                    if attempt == 3:
+                        raise
+                    conn.send_command("SCRIPT", "LOAD", WRITE_BATCH)  # type: ignore[no-untyped-call]
+                    conn.read_response()
+                except rex.AskError as exc:
+                    # MOVED is an AskError too: it goes up, the target reloads its slot map.
+                    if isinstance(exc, rex.MovedError) or asking or attempt == 3:
+                        raise
+                    pool.release(conn)
+                    held = None
+                    pool, conn = self._target.node_connection(exc.host, exc.port)
+                    held = conn
+                    asking = True
+                except (rex.ConnectionError, rex.TimeoutError):
+                    conn.disconnect()  # type: ignore[no-untyped-call]  # never reuse: a late reply
                     raise
-                self._client.script_load(WRITE_BATCH)
-            except (rex.ConnectionError, rex.TimeoutError):
-                conn.disconnect()  # type: ignore[no-untyped-call]  # never reuse it: a late reply
-                raise
-            finally:
-                pool.release(conn)
-        raise AssertionError("unreachable")
+            raise AssertionError("unreachable")
+        finally:
+            if held is not None:
+                pool.release(held)
+
+    def _send(self, conn: Connection, command: bytes, asking: bool) -> object:
+        """One round trip: [ASKING,] EVALSHA [, WAIT]; the script's reply, or the first error
+        (every reply is read first, so the connection stays in step)."""
+        packed = [b"*1\r\n$6\r\nASKING\r\n", command] if asking else [command]
+        if self._wait_command is not None:
+            packed.append(self._wait_command)
+        conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+        error: rex.ResponseError | None = None
+        reply: object = None
+        for i in range(len(packed)):
+            try:
+                answer = conn.read_response()
+            except rex.ResponseError as exc:
+                error = error or exc
+                continue
+            if packed[i] is command:
+                reply = answer
+            elif packed[i] is self._wait_command and error is None:
+                wanted = self._config.wait_replicas
+                if not isinstance(answer, int) or answer < wanted:
+                    raise NotReplicated(
+                        f"only {answer} of {wanted} replicas confirmed the batch within "
+                        f"{self._config.wait_timeout}s (redis.wait_replicas): kept in the spool"
+                    )
+        if error is not None:
+            raise error
+        self._target.wrote(conn)
+        return reply
 
     def _wait(self, delay: float) -> bool:
         """Sleep before a retry; True if we must give up (shutdown deadline or abandon).

@@ -138,6 +138,8 @@ class WriterStats:
                 "busy",
                 "noperm",
                 "wrongtype",
+                "cluster",
+                "replication",
                 "other",
             ),
             0,

@@ -2,10 +2,11 @@
 
 What forwarder sends to Redis (forwarder/sink.py): PING when idle; EVALSHA of WRITE_BATCH,
 and SCRIPT LOAD when Redis does not have the script cached (fresh start, SCRIPT FLUSH); the
-script runs GET/SET on its high-water mark `forwarder:hwm:*` and XADD on the streams, their
-dead-letter streams and the gap stream. redis-py's connection handshake also sends
-CLIENT SETINFO (Redis >= 7.2), whose NOPERM redis-py ignores: granting +client|setinfo only
-keeps those refusals out of ACL LOG.
+script runs GET/SET on its high-water marks `forwarder:hwm:*` and XADD on the streams, their
+dead-letter streams and the gap stream. WAIT with `wait_replicas`; on a cluster also CLUSTER
+SLOTS, COMMAND and ASKING (the Sentinel and Cluster tests run as users with those rules).
+redis-py's connection handshake also sends CLIENT SETINFO (Redis >= 7.2), whose NOPERM
+redis-py ignores: granting +client|setinfo only keeps those refusals out of ACL LOG.
 """
 
 from __future__ import annotations
@@ -43,17 +44,25 @@ ACL_RULE = (
     "reset on >PASSWORD resetchannels ~forwarder:hwm:* ~forwarder:gaps ~wa:* "
     "+ping +evalsha +script|load +get +set +xadd"
 )
+# With `wait_replicas` (Sentinel, Cluster): +wait. On a cluster also what redis-py's
+# RedisCluster asks to learn the slot map and key positions, and ASKING for migrations:
+ACL_RULE_REPLICATED = ACL_RULE + " +wait"
+ACL_RULE_CLUSTER = ACL_RULE + " +wait +cluster|slots +command +asking"
 STREAM = "wa:{source}:{event}"
 FAST = "backoff = { initial = 0.05, maximum = 0.2, auth_initial = 0.2, auth_maximum = 10.0 }"
 
 # Every command forwarder sends, as ACL DRYRUN takes them (the script's inner commands are
 # checked exactly like top-level ones).
+# The marks: forwarder:hwm:{<stream>}:<spool id> per stream, and the previous version's
+# forwarder:hwm:<spool id>, read as a floor on a single Redis.
+MARK = "forwarder:hwm:{wa:main:messages.upsert}:w1"
 NEEDED = [
     ["PING"],
-    ["EVALSHA", "0" * 40, "2", "forwarder:hwm:w1", "wa:main:messages.upsert"],
+    ["EVALSHA", "0" * 40, "3", "wa:main:messages.upsert", MARK, "forwarder:hwm:w1"],
     ["SCRIPT", "LOAD", "return 1"],
+    ["GET", MARK],
     ["GET", "forwarder:hwm:w1"],
-    ["SET", "forwarder:hwm:w1", "5", "EX", "604800"],
+    ["SET", MARK, "5", "EX", "604800"],
     ["XADD", "wa:main:messages.upsert", "MAXLEN", "~", "1000", "*", "data", "{}"],
     ["XADD", "wa:main:messages.upsert:dlq", "*", "reason", "invalid_json"],
     ["XADD", "forwarder:gaps", "*", "start", "1"],

@@ -16,7 +16,7 @@ import redis.exceptions as rex
 from forwarder import sink
 from forwarder.config import Config, RedisConfig
 from forwarder.frames import Opcode, Oversized
-from forwarder.redis_target import make_client
+from forwarder.redis_target import RedisTarget, make_target
 from forwarder.sink import RedisWriter, error_kind
 from forwarder.spool import GAP, DiskSpool, Entry, Route
 from forwarder.stats import SubscriptionStats, WriterStats
@@ -28,7 +28,7 @@ from tests.proxy import SlowReplyProxy
 class Harness:
     """A writer over a disk spool, for the subscriptions of a config."""
 
-    def __init__(self, config: Config, client: redis.Redis, spool_dir: Path) -> None:
+    def __init__(self, config: Config, client: RedisTarget, spool_dir: Path) -> None:
         self.subs = config.subscriptions()
         routes = [Route(s.source.name, s.event, s.stream, s.dead_letter_stream) for s in self.subs]
         self.spool = DiskSpool(spool_dir, routes, max_bytes=1 << 30)
@@ -53,7 +53,7 @@ def harness(
     make_config: ConfigFactory, redis_server: RedisServer, tmp_path: Path
 ) -> Iterator[Harness]:
     config = make_config({"main": ["messages.upsert", "chats.upsert"]})
-    client = make_client(RedisConfig(url=redis_server.url))
+    client = make_target(RedisConfig(url=redis_server.url))
     h = Harness(config, client, tmp_path / "spool")
     yield h
     h.close()
@@ -148,7 +148,7 @@ def test_writes_wait_for_redis_to_come_back_and_lose_nothing(
     server = RedisServer(tmp_path)
     server.start()
     config = make_config({"main": ["messages.upsert"]})
-    client = make_client(RedisConfig(url=server.url, socket_timeout=1.0))
+    client = make_target(RedisConfig(url=server.url, socket_timeout=1.0))
     h = Harness(config, client, tmp_path / "spool")
     try:
         h.writer.start()
@@ -252,8 +252,8 @@ def test_a_refusal_whose_reply_was_lost_is_still_dead_lettered(
     harness.put(0, [b"[1]"])
     harness.put(1, [b"[2]"])
     batch = harness.spool.peek(10, 0)
-    keys, args, _ = harness.writer._packer.pack(harness.writer._hwm_key, batch, {}, 1)
-    harness.writer._evalsha(keys, args)  # applied; its reply "lost" (never read by the writer)
+    call = harness.writer._packer.pack(batch, {}, 1)
+    harness.writer._evalsha(call.keys, call.args)  # applied; its reply "lost" (never read)
     assert harness.writer._write(batch) == 2  # the re-send
     dead = xrange(redis_client, "main:messages.upsert:dlq")
     assert [base64.b64decode(f[b"data_base64"]) for _, f in dead] == [b"[1]"]
@@ -265,7 +265,7 @@ def test_replays_of_a_previous_run_are_not_counted_as_forwarded(
 ) -> None:
     """Entries Redis stored before a restart are skipped and counted as replayed, not forwarded."""
     config = make_config({"main": ["messages.upsert"]})
-    client = make_client(config.redis)
+    client = make_target(config.redis)
     first = Harness(config, client, tmp_path / "spool")
     first.put(0, [b"[1]", b"[2]", b"[3]"])
     assert first.writer._write(first.spool.peek(10, 0)) == 3  # stored, never committed
@@ -284,12 +284,12 @@ def test_replays_of_a_previous_run_are_not_counted_as_forwarded(
 
 def slow_harness(
     make_config: ConfigFactory, proxy: SlowReplyProxy, tmp_path: Path, batch_max: int = 1000
-) -> tuple[Harness, redis.Redis]:
+) -> tuple[Harness, RedisTarget]:
     config = make_config({"main": ["messages.upsert"]})
     cfg = RedisConfig(
         url=f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=1.0, batch_max=batch_max
     )
-    client = make_client(cfg)
+    client = make_target(cfg)
     return Harness(replace(config, redis=cfg), client, tmp_path / "spool"), client
 
 
