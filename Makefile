@@ -59,7 +59,8 @@ test: $(STAMP) test-tools
 # "Test the floor you declare": a throwaway venv with exactly the lowest versions that
 # pyproject.toml allows for the runtime dependencies, and the writer's tests run against it.
 FLOOR_VENV ?= .venv-floor
-FLOOR_TESTS ?= tests/test_sink.py tests/test_acl.py tests/test_durability.py
+FLOOR_TESTS ?= tests/test_sink.py tests/test_acl.py tests/test_durability.py \
+  tests/test_redis_target.py tests/test_sentinel.py tests/test_cluster.py
 test-floor: $(STAMP) redis-server
 	rm -rf $(FLOOR_VENV)
 	$(PYTHON) -m venv $(FLOOR_VENV)

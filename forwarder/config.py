@@ -381,6 +381,11 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
         "redis+cluster",
     }:
         raise ConfigError("redis.cluster: needs a redis:// or rediss:// URL naming a node")
+    if redis_cfg.wait_replicas and redis_cfg.wait_timeout >= redis_cfg.socket_timeout:
+        raise ConfigError(
+            "redis.wait_timeout: must be below redis.socket_timeout (WAIT's reply would "
+            "otherwise time out on the socket first)"
+        )
     metrics_cfg.port  # noqa: B018 - validates listen
     if log_level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
         raise ConfigError(f"log_level: expected DEBUG, INFO, WARNING or ERROR, got {log_level!r}")

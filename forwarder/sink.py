@@ -167,9 +167,9 @@ class RedisWriter:
         self._failure_logged_at = -FAILURE_LOG_INTERVAL
         self._quick = 0  # quick replies in a row since the last timeout
         self._auth_logged_at = -ERROR_LOG_INTERVAL
-        # The highest offset this process has sent: a skipped entry at or below it was
-        # stored by one of our own attempts whose reply was lost.
-        self._sent_upto = 0
+        # Offsets of the current batch already sent once: a skipped entry among them was
+        # stored by one of our own attempts whose reply was lost, not by an earlier run.
+        self._attempted: set[int] = set()
 
     def start(self) -> None:
         self._thread.start()
@@ -237,6 +237,7 @@ class RedisWriter:
         """Write a prefix of `batch` until Redis confirms it and count it; returns the
         length of that prefix, or None if the shutdown deadline passed."""
         floor = batch[0][0]
+        self._attempted.clear()  # earlier batches are committed: never sent again
         settled: list[Settled] = []
         for group in self._packer.groups(batch, {}):  # one per hash slot on a cluster
             done = self._settle_all(group, {}, floor, "")
@@ -276,17 +277,19 @@ class RedisWriter:
             got = self._call(entries[pos:], rejected, floor, suffix)
             if got is None:
                 return None
-            part, reply, invalid, sent_before = got
+            part, reply, invalid = got
+            attempted = self._attempted
             for (offset, entry), status in zip(part, reply.statuses, strict=False):
                 if status == REFUSED:
                     outcome = REJECTED
-                elif status == SKIPPED and offset > sent_before:
+                elif status == SKIPPED and offset not in attempted:
                     outcome = REPLAYED
                 else:
                     outcome = STORED
                 settled.append(
                     Settled(offset, entry, outcome, reply.refused.get(offset), invalid.get(offset))
                 )
+            attempted.update(offset for offset, _ in part)
             if reply.stopped is None:
                 return settled
             # NOPERM or WRONGTYPE: only a human can fix it. Keep everything from this entry
@@ -331,22 +334,22 @@ class RedisWriter:
 
     def _call(
         self, entries: Batch, rejected: dict[int, str], floor: int, suffix: str
-    ) -> tuple[Batch, Reply, dict[int, str], int] | None:
+    ) -> tuple[Batch, Reply, dict[int, str]] | None:
         """Run the script on `entries` (or, after timeouts, a prefix) until Redis answers.
 
-        Returns (the entries sent, the reply, their dead-letter reasons, the highest offset
-        sent before this call); None if the shutdown deadline passed.
+        Returns (the entries sent, the reply, their dead-letter reasons); None if the
+        shutdown deadline passed. Entries of failed attempts join `_attempted` (Redis may
+        have applied them).
         """
         failures = 0
         while True:
             part = entries[: self._limit]
             call = self._packer.pack(part, rejected, floor, suffix)
-            sent_before = self._sent_upto
-            self._sent_upto = max(sent_before, part[-1][0])
             started = time.monotonic()
             try:
                 reply = parse_reply(self._evalsha(call.keys, call.args))
             except (rex.RedisError, NotReplicated) as exc:
+                self._attempted.update(offset for offset, _ in part)
                 self._target.failed(exc)  # e.g. reload a cluster's slot map
                 self._spool.writer_ok(False)  # readers must not wait for us now
                 kind = self._record_error(exc)
@@ -390,7 +393,7 @@ class RedisWriter:
             self._spool.writer_ok(True)
             if failures:
                 log.info("Redis writes recovered after %d failed attempts", failures)
-            return part, reply, call.invalid, sent_before
+            return part, reply, call.invalid
 
     def _slow_down(self, size: int) -> None:
         """A call timed out: Redis may be slow rather than gone. Send smaller batches and

@@ -49,6 +49,7 @@ def test_multi_host_urls_list_every_host() -> None:
         ("redis+cluster://127.0.0.1:99999", "", "out of range"),
         ("unix:///tmp/redis.sock", "cluster = true", "redis.cluster"),
         ("redis+cluster://127.0.0.1:7000?x=1", "", "query"),
+        ("redis://127.0.0.1:7000", "wait_replicas = 1\nwait_timeout = 5.0", "below"),
     ],
 )
 def test_bad_topology_settings_are_config_errors(
