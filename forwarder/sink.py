@@ -36,6 +36,7 @@ from forwarder.script import (
     REFUSED,
     SKIPPED,
     WRITE_BATCH,
+    WRITTEN,
     Packer,
     Reply,
     dead_letter_fields,
@@ -62,18 +63,19 @@ FAILURE_LOG_INTERVAL = 10.0  # a new outage is logged at once, a flapping one no
 # that just timed out would come straight back).
 GROW_AFTER = 8
 
-# Settled outcomes of one entry in a batch (see _settle).
+# Outcomes of an entry in a batch (see _settle).
 STORED = 0  # in Redis, written by this process
 REPLAYED = 1  # in Redis already before this process sent it (a restart's replay)
 REJECTED = 2  # refused by Redis on its merits: goes to the dead-letter stream
 
 
-class Settled(NamedTuple):
-    offset: int
-    entry: Entry
-    outcome: int
-    error: str | None  # REJECTED: Redis' error
-    reason: str | None  # a dead-letter reason (invalid frame), else None
+class Segment(NamedTuple):
+    """Entries one script call settled, in order, and how."""
+
+    part: Batch
+    outcomes: bytes | None  # one STORED/REPLAYED/REJECTED per entry; None: all STORED
+    refused: dict[int, str]  # offset -> Redis' error, for the REJECTED ones
+    invalid: dict[int, str]  # offset -> dead-letter reason of invalid frames
 
 
 def error_kind(exc: BaseException) -> str:
@@ -234,36 +236,38 @@ class RedisWriter:
                 self._clear_config_error()
 
     def _write(self, batch: Batch) -> int | None:
-        """Write a prefix of `batch` until Redis confirms it and count it; returns the
-        length of that prefix, or None if the shutdown deadline passed."""
+        """Write `batch` until Redis confirms all of it and count it; returns its length,
+        or None if the shutdown deadline passed."""
         floor = batch[0][0]
         self._attempted.clear()  # earlier batches are committed: never sent again
-        settled: list[Settled] = []
+        segments: list[Segment] = []
         for group in self._packer.groups(batch, {}):  # one per hash slot on a cluster
             done = self._settle_all(group, {}, floor, "")
             if done is None:
                 return None
-            settled += done
-        rejected = self._account(settled)
+            segments += done
+        rejected = self._account(segments)
         if rejected and not self._dead_letter_rejected(rejected, floor):
             return None
         return len(batch)
 
     def _settle_all(
         self, entries: Batch, rejected: dict[int, str], floor: int, suffix: str
-    ) -> list[Settled] | None:
+    ) -> list[Segment] | None:
         """`_settle` until every one of `entries` is settled; None at the deadline."""
-        settled: list[Settled] = []
-        while len(settled) < len(entries):
-            done = self._settle(entries[len(settled) :], rejected, floor, suffix)
+        segments: list[Segment] = []
+        count = 0
+        while count < len(entries):
+            done = self._settle(entries[count:], rejected, floor, suffix)
             if done is None:
                 return None
-            settled += done
-        return settled
+            segments += done
+            count += sum(len(segment.part) for segment in done)
+        return segments
 
     def _settle(
         self, entries: Batch, rejected: dict[int, str], floor: int, suffix: str
-    ) -> list[Settled] | None:
+    ) -> list[Segment] | None:
         """Send `entries` (a prefix of them when Redis is slow) until Redis has settled
         each one; None if the shutdown deadline passed.
 
@@ -271,65 +275,70 @@ class RedisWriter:
         the outcomes of the entries before it and waits; the retry starts at the entry that
         stopped it. `floor`: the first uncommitted offset of the spool.
         """
-        settled: list[Settled] = []
+        segments: list[Segment] = []
         pos = 0
         while True:
             got = self._call(entries[pos:], rejected, floor, suffix)
             if got is None:
                 return None
             part, reply, invalid = got
-            attempted = self._attempted
-            for (offset, entry), status in zip(part, reply.statuses, strict=False):
-                if status == REFUSED:
-                    outcome = REJECTED
-                elif status == SKIPPED and offset not in attempted:
-                    outcome = REPLAYED
-                else:
-                    outcome = STORED
-                settled.append(
-                    Settled(offset, entry, outcome, reply.refused.get(offset), invalid.get(offset))
+            statuses = reply.statuses
+            n = len(statuses)
+            done = part if n == len(part) else part[:n]
+            outcomes = None  # the usual case: every entry written by this call
+            if statuses.count(WRITTEN) != n:
+                attempted = self._attempted
+                outcomes = bytes(
+                    REJECTED
+                    if status == REFUSED
+                    else REPLAYED
+                    if status == SKIPPED and offset not in attempted
+                    else STORED
+                    for (offset, _), status in zip(done, statuses, strict=True)
                 )
-            attempted.update(offset for offset, _ in part)
+            segments.append(Segment(done, outcomes, reply.refused, invalid))
             if reply.stopped is None:
-                return settled
+                return segments
             # NOPERM or WRONGTYPE: only a human can fix it. Keep everything from this entry
             # on in the spool and retry slowly; what Redis settled before it stays settled.
-            offset, error = reply.stopped
-            pos += len(reply.statuses)
+            _, error = reply.stopped
+            pos += n
             kind = error_kind(rex.ResponseError(error))
             self._wstats.errors[kind] = self._wstats.errors.get(kind, 0) + 1
-            stream = part[len(reply.statuses)][1]
+            stream = part[n][1]
             route = self._spool.routes[stream.subscription]
             self._spool.writer_ok(False)
             self._config_error(kind, f"stream {route.stream!r}: {error}", len(entries) - pos)
             if self._wait(CONFIG_ERROR_RETRY_SECONDS):
                 return None
 
-    def _dead_letter_rejected(self, rejected: list[Settled], floor: int) -> bool:
+    def _dead_letter_rejected(self, rejected: dict[int, tuple[Entry, str]], floor: int) -> bool:
         """Send entries Redis refused (e.g. too large for the server's limits, or a stream
         that cannot take more) to the dead-letter stream with the error, instead of retrying
         them forever and blocking every other stream. Their own high-water mark keeps this
         idempotent too. False if the shutdown deadline passed."""
-        errors = {s.offset: s.error or "refused" for s in rejected}
-        entries: Batch = [(s.offset, s.entry) for s in rejected]
+        errors = {offset: error for offset, (_, error) in rejected.items()}
+        entries: Batch = [(offset, entry) for offset, (entry, _) in rejected.items()]
         for group in self._packer.groups(entries, errors):
-            settled = self._settle_all(group, errors, floor, ":rejected")
-            if settled is None:
+            segments = self._settle_all(group, errors, floor, ":rejected")
+            if segments is None:
                 return False
-            for s in settled:
-                stats = self._stats[s.entry.subscription]
-                if s.outcome == REJECTED:
-                    log.error(
-                        "a frame of %s/%s was refused by Redis (%s) and so was its dead-letter "
-                        "entry (%s): it is lost",
-                        stats.source,
-                        stats.event,
-                        errors.get(s.offset),
-                        s.error,
-                    )
-                    stats.lost += 1
-                else:
-                    stats.invalid["redis_rejected"] = stats.invalid.get("redis_rejected", 0) + 1
+            for segment in segments:
+                for i, (offset, entry) in enumerate(segment.part):
+                    stats = self._stats[entry.subscription]
+                    if segment.outcomes is not None and segment.outcomes[i] == REJECTED:
+                        log.error(
+                            "a frame of %s/%s was refused by Redis (%s) and so was its "
+                            "dead-letter entry (%s): it is lost",
+                            stats.source,
+                            stats.event,
+                            errors.get(offset),
+                            segment.refused.get(offset),
+                        )
+                        stats.lost += 1
+                    else:
+                        invalid = stats.invalid
+                        invalid["redis_rejected"] = invalid.get("redis_rejected", 0) + 1
         return True
 
     def _call(
@@ -564,26 +573,40 @@ class RedisWriter:
             if self._abandon.wait(step):
                 return True
 
-    def _account(self, settled: list[Settled]) -> list[Settled]:
-        """Update the counters; return the entries Redis refused (for the dead-letter pass)."""
-        rejected: list[Settled] = []
+    def _account(self, segments: list[Segment]) -> dict[int, tuple[Entry, str]]:
+        """Update the counters; return {offset: (entry, error)} of the entries Redis refused
+        (for the dead-letter pass). Per frame: the common segment takes the short loop."""
+        rejected: dict[int, tuple[Entry, str]] = {}
         now = time.time()
-        for s in settled:
-            if s.outcome == REJECTED:
-                rejected.append(s)
+        all_stats = self._stats
+        for segment in segments:
+            outcomes, invalid = segment.outcomes, segment.invalid
+            if outcomes is None and not invalid:
+                for _, entry in segment.part:
+                    stats = all_stats[entry.subscription]
+                    if entry.opcode == GAP:
+                        stats.gaps_recorded += 1
+                    else:
+                        stats.forwarded += 1
+                        stats.latency.observe(now - entry.received_at)
                 continue
-            if s.outcome == REPLAYED:
-                self._wstats.replayed += 1  # stored before a restart: not forwarded again
-                continue
-            entry = s.entry
-            stats = self._stats[entry.subscription]
-            if entry.opcode == GAP:
-                stats.gaps_recorded += 1
-            elif s.reason is not None:
-                stats.invalid[s.reason] = stats.invalid.get(s.reason, 0) + 1
-            else:
-                stats.forwarded += 1
-                stats.latency.observe(now - entry.received_at)
+            for i, (offset, entry) in enumerate(segment.part):
+                outcome = STORED if outcomes is None else outcomes[i]
+                if outcome == REJECTED:
+                    rejected[offset] = (entry, segment.refused.get(offset) or "refused")
+                    continue
+                if outcome == REPLAYED:
+                    self._wstats.replayed += 1  # stored before a restart: not forwarded again
+                    continue
+                stats = all_stats[entry.subscription]
+                reason = invalid.get(offset)
+                if entry.opcode == GAP:
+                    stats.gaps_recorded += 1
+                elif reason is not None:
+                    stats.invalid[reason] = stats.invalid.get(reason, 0) + 1
+                else:
+                    stats.forwarded += 1
+                    stats.latency.observe(now - entry.received_at)
         return rejected
 
     def _record_error(self, exc: BaseException) -> str:
