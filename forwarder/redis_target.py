@@ -32,6 +32,7 @@ from forwarder.config import RedisConfig, redis_hosts
 log = logging.getLogger(__name__)
 
 TLS_ERROR_LOG_INTERVAL = 60.0  # seconds between two ERROR lines about a failing TLS handshake
+_ASKING = b"*1\r\n$6\r\nASKING\r\n"
 
 
 def make_target(config: RedisConfig) -> RedisTarget:
@@ -105,8 +106,73 @@ class RedisTarget:
         """A connection to a named node (a Cluster ASK redirection)."""
         raise rex.ResponseError(f"redirected to {host}:{port} outside a cluster")
 
+    def run(
+        self, key: str, command: bytes, script: str, then: bytes | None = None
+    ) -> tuple[object, object]:
+        """Send `command` (a packed EVALSHA of `script`), and `then` after it if given (a
+        packed WAIT, which must follow on the same connection), to the node that owns
+        `key`, in one round trip; returns (the script's reply, then's reply or None).
+
+        NOSCRIPT (a restarted, flushed or newly promoted node) loads the script on that
+        connection and sends the call again: safe, NOSCRIPT means nothing ran. ASK (a slot
+        being migrated) sends it to the node named, after ASKING; MOVED goes up (see
+        `failed`). A connection that failed is closed, never reused: a late reply could
+        answer the next request.
+        """
+        pool, conn = self.connection(key)
+        held: Connection | None = conn  # released exactly once, in `finally`
+        asking = False
+        try:
+            for attempt in (1, 2, 3):
+                try:
+                    return self._round_trip(conn, command, asking, then)
+                except rex.NoScriptError:
+                    if attempt == 3:
+                        raise
+                    conn.send_command("SCRIPT", "LOAD", script)  # type: ignore[no-untyped-call]
+                    conn.read_response()
+                except rex.AskError as exc:
+                    # MOVED is an AskError too: it goes up, `failed` reloads the slot map.
+                    if isinstance(exc, rex.MovedError) or asking or attempt == 3:
+                        raise
+                    pool.release(conn)
+                    held = None
+                    pool, conn = self.node_connection(exc.host, exc.port)
+                    held = conn
+                    asking = True
+                except (rex.ConnectionError, rex.TimeoutError):
+                    conn.disconnect()  # type: ignore[no-untyped-call]
+                    raise
+            raise AssertionError("unreachable")
+        finally:
+            if held is not None:
+                pool.release(held)
+
+    def _round_trip(
+        self, conn: Connection, command: bytes, asking: bool, then: bytes | None
+    ) -> tuple[object, object]:
+        """[ASKING,] command [, then] in one send; every reply is read before an error is
+        raised, so the connection stays in step."""
+        packed = [_ASKING, command] if asking else [command]
+        if then is not None:
+            packed.append(then)
+        conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
+        error: rex.ResponseError | None = None
+        replies: list[object] = []
+        for _ in packed:
+            try:
+                replies.append(conn.read_response())
+            except rex.ResponseError as exc:
+                error = error or exc
+                replies.append(None)
+        if error is not None:
+            raise error
+        self.wrote(conn)
+        first = 1 if asking else 0
+        return replies[first], replies[first + 1] if then is not None else None
+
     def wrote(self, conn: Connection) -> None:
-        """The writer's call on `conn` succeeded: remember which node took it."""
+        """A call on `conn` succeeded: remember which node took it."""
         self.master = f"{conn.host}:{conn.port}" if getattr(conn, "host", None) else "unix"
 
     def failed(self, exc: BaseException) -> None:

@@ -27,10 +27,10 @@ from typing import NamedTuple
 
 import hiredis
 import redis.exceptions as rex
-from redis.connection import Connection
 
 from forwarder.config import RedisConfig
 from forwarder.errors import NotReplicated
+from forwarder.pacing import Pacer
 from forwarder.redis_target import RedisTarget
 from forwarder.script import (
     REFUSED,
@@ -55,13 +55,8 @@ CONFIG_ERROR_RETRY_SECONDS = 30.0
 CONFIG_ERROR_KINDS = ("noperm", "wrongtype")
 AUTH_RETRY_SECONDS = 5.0  # a password fixed in Redis (ACL SETUSER) is picked up this fast
 ERROR_LOG_INTERVAL = 60.0  # seconds between two ERROR lines about failing authentication
-# After timeouts the socket timeout grows up to this many socket_timeouts.
-MAX_PATIENCE = 8.0
 SLOW_LOG_INTERVAL = 60.0  # seconds between two WARNING lines about a slow Redis
 FAILURE_LOG_INTERVAL = 10.0  # a new outage is logged at once, a flapping one not every time
-# Batches double in size after this many quick replies in a row (and not after one: a size
-# that just timed out would come straight back).
-GROW_AFTER = 8
 
 # Outcomes of an entry in a batch (see _settle).
 STORED = 0  # in Redis, written by this process
@@ -163,11 +158,9 @@ class RedisWriter:
         self.failed: BaseException | None = None  # set if the thread died of a bug
         self.progress = 0  # incremented on every loop turn: the systemd watchdog's evidence
         # Writer thread only:
-        self._limit = config.batch_max  # entries per call: shrinks after timeouts
-        self._patience = 1.0  # reply wait, in socket_timeouts: grows after timeouts
+        self._pacer = Pacer(config.batch_max, config.socket_timeout)  # batch size, timeout
         self._slow_logged_at = -SLOW_LOG_INTERVAL
         self._failure_logged_at = -FAILURE_LOG_INTERVAL
-        self._quick = 0  # quick replies in a row since the last timeout
         self._auth_logged_at = -ERROR_LOG_INTERVAL
         # Offsets of the current batch already sent once: a skipped entry among them was
         # stored by one of our own attempts whose reply was lost, not by an earlier run.
@@ -203,7 +196,7 @@ class RedisWriter:
                 self.progress += 1
                 # Once stopping, do not wait for more: exit as soon as the spool is empty.
                 timeout = 0.0 if self._stopping.is_set() else IDLE_PING_SECONDS
-                batch = self._spool.peek(self._limit, timeout)
+                batch = self._spool.peek(self._pacer.limit, timeout)
                 if not batch:
                     if self._stopping.is_set():
                         return
@@ -352,7 +345,7 @@ class RedisWriter:
         """
         failures = 0
         while True:
-            part = entries[: self._limit]
+            part = entries[: self._pacer.limit]
             call = self._packer.pack(part, rejected, floor, suffix)
             started = time.monotonic()
             try:
@@ -405,12 +398,10 @@ class RedisWriter:
             return part, reply, call.invalid
 
     def _slow_down(self, size: int) -> None:
-        """A call timed out: Redis may be slow rather than gone. Send smaller batches and
-        wait longer for the replies, so that writes make progress (re-sending what the
-        timed-out call may have applied is safe: the mark skips it)."""
-        self._limit = max(1, min(self._limit, size) // 2)
-        self._quick = 0
-        self._set_patience(min(MAX_PATIENCE, self._patience * 2.0))
+        """A call timed out: Redis may be slow rather than gone (see pacing.py). Re-sending
+        what the timed-out call may have applied is safe: the mark skips it."""
+        self._pacer.timed_out(size)
+        self._target.set_socket_timeout(self._pacer.timeout)
         now = time.monotonic()
         if now - self._slow_logged_at >= SLOW_LOG_INTERVAL:
             self._slow_logged_at = now
@@ -420,35 +411,17 @@ class RedisWriter:
                 "until it answers quickly again",
                 size,
                 self._config.socket_timeout,
-                self._limit,
-                self._config.socket_timeout * self._patience,
+                self._pacer.limit,
+                self._pacer.timeout,
             )
 
     def _speed_up(self, elapsed: float) -> None:
-        """A call succeeded: return towards the configured timeout and batch_max, but only
-        on replies that came well within socket_timeout (on a slow reply, the next timeout
-        would come straight back). The timeout halves on each quick reply; the batch size
-        doubles after GROW_AFTER of them in a row."""
-        if elapsed >= self._config.socket_timeout / 2:
-            self._quick = 0
+        if self._pacer.normal():
             return
-        if self._limit >= self._config.batch_max and self._patience <= 1.0:
-            return
-        self._quick += 1
-        if self._patience > 1.0:
-            self._set_patience(max(1.0, self._patience / 2.0))
-        if self._quick >= GROW_AFTER:
-            self._quick = 0
-            self._limit = min(self._config.batch_max, self._limit * 2)
-        if self._limit == self._config.batch_max and self._patience == 1.0:
-            log.info("Redis answers quickly again: batches back to %d entries", self._limit)
-
-    def _set_patience(self, patience: float) -> None:
-        """Socket timeouts of `patience` x socket_timeout from the next connection on: the
-        reply and the connection handshake (AUTH, CLIENT SETINFO) are both slow when Redis
-        is. The pool is emptied so that no connection keeps the old timeout."""
-        self._patience = patience
-        self._target.set_socket_timeout(self._config.socket_timeout * patience)
+        if self._pacer.answered(elapsed):
+            self._target.set_socket_timeout(self._pacer.timeout)
+        if self._pacer.normal():
+            log.info("Redis answers quickly again: batches back to %d entries", self._pacer.limit)
 
     def _config_error(self, kind: str, error: str, size: int) -> None:
         self._wstats.config_error = error
@@ -485,73 +458,19 @@ class RedisWriter:
 
     def _evalsha(self, keys: list[str], args: list[bytes | str | int]) -> object:
         """EVALSHA of WRITE_BATCH on the node that owns the call's keys, packed by hiredis in
-        one C call, then WAIT on the same connection if `wait_replicas` asks for it.
-
-        redis-py's own packing walks every argument in Python (four per frame here): it was
-        the writer's largest cost. A NOSCRIPT (a restarted, flushed or newly promoted node)
-        loads the script on that connection and sends the call again, which is safe:
-        NOSCRIPT means nothing ran. An ASK (a slot being migrated) sends it to the node named,
-        after ASKING.
-        """
+        one C call (redis-py's own packing walks every argument in Python, four per frame
+        here: it was the writer's largest cost), then WAIT on the same connection if
+        `wait_replicas` asks for it; NotReplicated if fewer replicas confirmed."""
         command = hiredis.pack_command(
             ("EVALSHA", self._sha, len(keys), *keys, *args)  # type: ignore[arg-type]
         )
-        pool, conn = self._target.connection(keys[0])
-        held: Connection | None = conn  # released exactly once, in `finally`
-        asking = False
-        try:
-            for attempt in (1, 2, 3):
-                try:
-                    return self._send(conn, command, asking)
-                except rex.NoScriptError:
-                    if attempt == 3:
-                        raise
-                    conn.send_command("SCRIPT", "LOAD", WRITE_BATCH)  # type: ignore[no-untyped-call]
-                    conn.read_response()
-                except rex.AskError as exc:
-                    # MOVED is an AskError too: it goes up, the target reloads its slot map.
-                    if isinstance(exc, rex.MovedError) or asking or attempt == 3:
-                        raise
-                    pool.release(conn)
-                    held = None
-                    pool, conn = self._target.node_connection(exc.host, exc.port)
-                    held = conn
-                    asking = True
-                except (rex.ConnectionError, rex.TimeoutError):
-                    conn.disconnect()  # type: ignore[no-untyped-call]  # never reuse: a late reply
-                    raise
-            raise AssertionError("unreachable")
-        finally:
-            if held is not None:
-                pool.release(held)
-
-    def _send(self, conn: Connection, command: bytes, asking: bool) -> object:
-        """One round trip: [ASKING,] EVALSHA [, WAIT]; the script's reply, or the first error
-        (every reply is read first, so the connection stays in step)."""
-        packed = [b"*1\r\n$6\r\nASKING\r\n", command] if asking else [command]
-        if self._wait_command is not None:
-            packed.append(self._wait_command)
-        conn.send_packed_command(packed)  # type: ignore[no-untyped-call]
-        error: rex.ResponseError | None = None
-        reply: object = None
-        for i in range(len(packed)):
-            try:
-                answer = conn.read_response()
-            except rex.ResponseError as exc:
-                error = error or exc
-                continue
-            if packed[i] is command:
-                reply = answer
-            elif packed[i] is self._wait_command and error is None:
-                wanted = self._config.wait_replicas
-                if not isinstance(answer, int) or answer < wanted:
-                    raise NotReplicated(
-                        f"only {answer} of {wanted} replicas confirmed the batch within "
-                        f"{self._config.wait_timeout}s (redis.wait_replicas): kept in the spool"
-                    )
-        if error is not None:
-            raise error
-        self._target.wrote(conn)
+        reply, acks = self._target.run(keys[0], command, WRITE_BATCH, self._wait_command)
+        wanted = self._config.wait_replicas
+        if self._wait_command is not None and (not isinstance(acks, int) or acks < wanted):
+            raise NotReplicated(
+                f"only {acks} of {wanted} replicas confirmed the batch within "
+                f"{self._config.wait_timeout}s (redis.wait_replicas): kept in the spool"
+            )
         return reply
 
     def _wait(self, delay: float) -> bool:

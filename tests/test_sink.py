@@ -343,13 +343,13 @@ def test_batches_shrink_while_big_ones_time_out_and_grow_back_after(
         h.put(0, payloads)
         h.writer.start()
         wait_for(lambda: h.stats[0].forwarded == 400, 60, "every frame confirmed")
-        assert h.writer._limit < 64
+        assert h.writer._pacer.limit < 64
         slow.clear()
         more = [b"[%d]" % i for i in range(1000)]
         for i in range(0, 1000, 10):  # bounded: 100 appends while the limit grows back
             h.put(0, more[i : i + 10])
         wait_for(lambda: h.stats[0].forwarded == 1400, 30, "the rest confirmed")
-        wait_for(lambda: h.writer._limit == 64, 10, "batches back to batch_max")
+        wait_for(lambda: h.writer._pacer.limit == 64, 10, "batches back to batch_max")
         got = [f[b"data"] for _, f in xrange(redis_client, "main:messages.upsert")]
         assert got == payloads + more
     finally:
