@@ -9,11 +9,12 @@ PY_DIRS := forwarder forwarder_sim tests scripts examples $(wildcard bench)
 PREFIX  ?= /opt/forwarder
 DESTDIR ?=
 
-.PHONY: help run test check style bench soak clean redis-server test-tools install-dev install uninstall
+.PHONY: help run test test-floor check style bench soak clean redis-server test-tools install-dev install uninstall
 
 help:
 	@echo "make run     start redis, the upstream simulator and forwarder; live view until Ctrl-C"
 	@echo "make test    run the test suite against a real redis-server and the simulator"
+	@echo "make test-floor  the Redis writer's tests against the lowest dependency versions declared"
 	@echo "make check   ruff format --check, ruff check, mypy --strict"
 	@echo "make style   apply ruff's fixes and formatting"
 	@echo "make bench   throughput/latency/scale benchmarks (writes bench/results/latest.json)"
@@ -55,6 +56,21 @@ run: $(STAMP) redis-server
 test: $(STAMP) test-tools
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# "Test the floor you declare": a throwaway venv with exactly the lowest versions that
+# pyproject.toml allows for the runtime dependencies, and the writer's tests run against it.
+FLOOR_VENV ?= .venv-floor
+FLOOR_TESTS ?= tests/test_sink.py tests/test_acl.py tests/test_durability.py \
+  tests/test_redis_target.py tests/test_sentinel.py tests/test_cluster.py
+test-floor: $(STAMP) redis-server
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(BIN)/python scripts/floor_requirements.py pyproject.toml > $(FLOOR_VENV)/floor.txt
+	$(FLOOR_VENV)/bin/pip install --quiet --disable-pip-version-check -r $(FLOOR_VENV)/floor.txt \
+	  'pytest>=8,<10' 'pytest-timeout>=2.3,<3' 'hypothesis>=6.100,<7' 'trustme>=1.1,<2'
+	$(FLOOR_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(FLOOR_VENV)/bin/pip freeze | grep -i -E '^(redis|hiredis|websocket-client|prometheus.client|orjson|pyjwt)=='
+	$(FLOOR_VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS) $(FLOOR_TESTS)
+
 bench: $(STAMP) redis-server
 	$(BIN)/python -m bench.run
 
@@ -77,4 +93,4 @@ style: $(STAMP)
 	$(BIN)/ruff format $(PY_DIRS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -91,7 +91,10 @@ def check_redis_url(url: str, where: str = "redis.url") -> None:
     shown = redact_url(url)
     parts = _split_url(url, where)
     if parts.scheme not in {"redis", "rediss", "unix"}:
-        raise ConfigError(f"{where}: expected redis://, rediss:// or unix://, got {shown!r}")
+        raise ConfigError(
+            f"{where}: expected redis://, rediss://, unix://, redis+sentinel:// or "
+            f"redis+cluster://, got {shown!r}"
+        )
     if "#" in url:
         raise ConfigError(
             f"{where}: remove the '#' part (redis-py ignores it; in a password write # as %23)"

@@ -196,6 +196,12 @@ class RedisConfig:
     ca_file: Path | None = None
     client_cert: Path | None = None
     client_key: Path | None = None
+    # Redis Cluster with a redis:// or rediss:// URL naming one node (redis+cluster:// too).
+    cluster: bool = False
+    # After each batch, WAIT for this many replicas to have it before the spool lets it go
+    # (0: do not wait); a shortfall after wait_timeout seconds keeps it spooled and retries.
+    wait_replicas: int = 0
+    wait_timeout: float = 1.0
 
 
 # Seconds a connected subscription may go without a frame before it counts as "stalled"
@@ -341,6 +347,9 @@ class Config:
                 "socket_timeout": self.redis.socket_timeout,
                 "batch_max": self.redis.batch_max,
                 "retention": self.redis.retention,
+                "cluster": self.redis.cluster,
+                "wait_replicas": self.redis.wait_replicas,
+                "wait_timeout": self.redis.wait_timeout,
                 **_tls_paths(self.redis.ca_file, self.redis.client_cert, self.redis.client_key),
             },
             "metrics": {
@@ -477,8 +486,28 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
             "or [[discovery]], or set FORWARDER_URL, FORWARDER_TOKEN and optionally "
             "FORWARDER_EVENTS"
         )
-    check_redis_url(redis_cfg.url, redis_where)
-    _check_redis_tls(redis_cfg)
+    if urlsplit(redis_cfg.url).scheme in MULTI_HOST_SCHEMES:
+        _check_multi_host_url(redis_cfg.url, redis_cfg)
+    else:
+        check_redis_url(redis_cfg.url, redis_where)
+        _check_redis_tls(redis_cfg)
+    if redis_cfg.cluster and urlsplit(redis_cfg.url).scheme not in {
+        "redis",
+        "rediss",
+        "redis+cluster",
+    }:
+        raise ConfigError("redis.cluster: needs a redis:// or rediss:// URL naming a node")
+    clustered = redis_cfg.cluster or urlsplit(redis_cfg.url).scheme == "redis+cluster"
+    if clustered and redis_cfg.retention == "acked":
+        raise ConfigError(
+            'redis.retention: "acked" is not supported with Redis Cluster yet (its trimming '
+            'reads every group of a stream in one call); use "maxlen"'
+        )
+    if redis_cfg.wait_replicas and redis_cfg.wait_timeout >= redis_cfg.socket_timeout:
+        raise ConfigError(
+            "redis.wait_timeout: must be below redis.socket_timeout (WAIT's reply would "
+            "otherwise time out on the socket first)"
+        )
     split_listen(metrics_cfg.listen, listen_where)
     if log_level not in LOG_LEVELS:
         raise ConfigError(
@@ -513,6 +542,9 @@ def _parse_redis(t: _Table) -> RedisConfig:
         batch_max=t.integer("batch_max", 1000, minimum=1) or 1000,
         retention=_parse_retention(t),
         **_parse_tls(t),
+        cluster=t.boolean("cluster", False),
+        wait_replicas=t.integer("wait_replicas", 0, minimum=0) or 0,
+        wait_timeout=t.number("wait_timeout", 1.0, minimum=0.01),
     )
     t.finish()
     return cfg
@@ -720,6 +752,50 @@ def _check_template(template: str, allowed: set[str], where: str) -> None:
         raise ConfigError(f"{where}: empty")
 
 
+MULTI_HOST_SCHEMES = ("redis+sentinel", "redis+cluster")
+
+
+def redis_hosts(url: str) -> list[tuple[str, int]]:
+    """The host:port list of a redis+sentinel:// or redis+cluster:// URL (comma-separated,
+    after the optional user:password@); redis:// and rediss:// give their one host."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    default = 26379 if parts.scheme == "redis+sentinel" else 6379
+    hosts = []
+    for item in netloc.split(","):
+        host, colon, port = item.strip().rpartition(":") if ":" in item else (item, "", "")
+        host = host.strip("[]")
+        if not host or (colon and not port.isdigit()):
+            raise ConfigError(f"redis.url: expected host:port, got {item.strip()!r}")
+        number = int(port) if colon else default
+        if not 0 < number <= 65535:
+            raise ConfigError(f"redis.url: port {number} is out of range")
+        hosts.append((host, number))
+    return hosts
+
+
+def _check_multi_host_url(url: str, cfg: RedisConfig) -> None:
+    parts = urlsplit(url)
+    redis_hosts(url)
+    path = [p for p in parts.path.split("/") if p]
+    if parts.scheme == "redis+sentinel" and not 1 <= len(path) <= 2:
+        raise ConfigError(
+            "redis.url: expected redis+sentinel://[user:password@]host:port[,host:port...]"
+            f"/SERVICE[/DB], got {redact_url(url)!r}"
+        )
+    if len(path) == 2 and not path[1].isdigit():
+        raise ConfigError(f"redis.url: the database must be a number, got {path[1]!r}")
+    if parts.scheme == "redis+cluster" and path not in ([], ["0"]):
+        raise ConfigError("redis.url: Redis Cluster has one database: put no path in the URL")
+    if parts.query or parts.fragment:
+        raise ConfigError("redis.url: no ?query or #fragment in a redis+sentinel/cluster URL")
+    if cfg.ca_file or cfg.client_cert or cfg.client_key:
+        raise ConfigError(
+            f"redis.url: TLS is not supported with {parts.scheme}:// (use cluster = true "
+            "with a rediss:// URL for a TLS cluster)"
+        )
+
+
 def _check_redis_tls(cfg: RedisConfig) -> None:
     if urlsplit(cfg.url).scheme == "rediss":
         return
@@ -901,6 +977,14 @@ class _Table:
             raise ConfigError(f"{self._where}: {self.key(name)} must be an integer")
         if value < minimum:
             raise ConfigError(f"{self._where}: {self.key(name)} must be at least {minimum}")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._where}: {self.key(name)} must be true or false")
         return value
 
     def finish(self) -> None:

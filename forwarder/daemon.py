@@ -37,9 +37,10 @@ from forwarder.logs import redact
 from forwarder.metrics import ForwarderCollector, build_registry, source_labelled
 from forwarder.notify import Notifier, format_status
 from forwarder.problems import HealthPolicy, ProblemFinder
+from forwarder.redis_target import RedisTarget, make_target
 from forwarder.retention import writer_config
 from forwarder.signals import StartupSignals
-from forwarder.sink import IDLE_PING_SECONDS, RedisWriter, make_client
+from forwarder.sink import IDLE_PING_SECONDS, RedisWriter
 from forwarder.spool import DiskSpool, Route, entry_size
 from forwarder.stats import State, SubscriptionStats, WriterStats
 from forwarder.status import StatusReport
@@ -69,7 +70,7 @@ class Forwarder:
     def __init__(
         self,
         config: Config,
-        client: redis.Redis | None = None,
+        target: RedisTarget | None = None,
         connect: Connector = websocket_connect,
         rand: Callable[[], float] = random.random,
         notifier: Notifier | None = None,
@@ -101,7 +102,8 @@ class Forwarder:
             SubscriptionStats(r.source, r.event, r.stream, configured=i < len(routes))
             for i, r in enumerate(self.spool.routes)
         ]
-        self.client = client if client is not None else make_client(config.redis)
+        # Single Redis, Sentinel or Cluster; it connects on first use, in the writer thread.
+        self.target = target if target is not None else make_target(config.redis)
         self.stop_event = threading.Event()
         self._signalled = False
         self._started_at = time.time()
@@ -111,16 +113,22 @@ class Forwarder:
         self._limiter = AttemptLimiter(CONNECT_RATE, CONNECT_BURST)
         self.subscribers = [self._subscriber(i, sub) for i, sub in enumerate(subscriptions)]
         self.writer = RedisWriter(
-            self.client,
+            self.target,
             self.spool,
             self.stats,
             self.writer_stats,
             writer_config(config.redis),
             rand,
         )
+        # The monitor's calls read several streams at once; on a Cluster they would span
+        # slots, so there it is off (config.py refuses retention "acked" with a Cluster).
+        monitor_client = getattr(self.target, "client", None)
+        if monitor_client is None:
+            config = replace(config, consumers=replace(config.consumers, interval=0.0))
+            monitor_client = redis.Redis()  # never used: an interval of 0 makes no call
         self.consumers = build_monitor(
             config,
-            self.client,
+            monitor_client,
             lambda: [route.stream for route in list(self.spool.routes)],
             self.writer_stats,
             lambda: self.spool.pending()[0],
@@ -156,6 +164,10 @@ class Forwarder:
             str(config.spool.dir),
             self._started_at,
             sections={"discovery": self.discovery.status},
+            redis_extra=lambda: {
+                **self.target.describe(),  # topology, current master(s)
+                "replayed": self.writer_stats.replayed,
+            },
         )
         self.registry.register(ConsumerCollector(self.consumers))
         self.http = HttpServer(
@@ -396,7 +408,7 @@ class Forwarder:
         self.http.stop()
         self.http.join(1.0)
         # 6. Redis connections.
-        self.client.close()
+        self.target.close()
         failed = self._failed_threads()
         if pending:
             log.warning(
@@ -490,6 +502,7 @@ class Forwarder:
         return ok, {
             "ready": ok,
             "redis_ok": redis_ok,
+            "redis_reason": None if redis_ok else self._redis_reason(last_ok),
             "spool_ok": spool_problem is None,
             "spool_problem": spool_problem,
             "discovery_waiting_for_first_listing": waiting,
@@ -499,6 +512,19 @@ class Forwarder:
             "min_connected_ratio": self.config.metrics.ready_min_connected,
             "stopping": self._stopping,
         }
+
+    def _redis_reason(self, last_ok: float | None) -> str:
+        """Why Redis does not count as taking our writes (for /readyz), redacted."""
+        stats = self.writer_stats
+        if stats.config_error is not None:
+            return redact(stats.config_error)
+        if last_ok is None:
+            return "no answer from Redis yet" + (
+                f" (last error: {redact(stats.last_error)})" if stats.last_error else ""
+            )
+        return f"no answer from Redis for {REDIS_READY_AGE:.0f}s" + (
+            f" (last error: {redact(stats.last_error)})" if stats.last_error else ""
+        )
 
     def status(
         self, query: Mapping[str, Sequence[str]] | None = None

@@ -10,8 +10,8 @@ leave our wrapper code, with a message that never contains the token.
     ├── SubscriberError        one WebSocket connection failed
     │   ├── HandshakeRejected  the upgrade was answered with an HTTP status (401, 5xx…)
     │   └── ConnectFailed      no HTTP answer at all (refused, timeout, TLS, DNS)
-    ├── SinkError              a Redis write failed
-    └── DiscoveryError         listing a server's instances failed (discovery.py)
+    ├── DiscoveryError         listing a server's instances failed (discovery.py)
+    └── NotReplicated          fewer replicas than redis.wait_replicas confirmed a write
 """
 
 from __future__ import annotations
@@ -72,14 +72,6 @@ class ConnectFailed(SubscriberError):
     """The connection failed before any HTTP status was received."""
 
 
-class SinkError(ForwarderError):
-    """A Redis write failed; ``kind`` is the bounded error class used as a metric label."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
 class DiscoveryError(ForwarderError):
     """Listing instances failed; ``kind`` is the bounded error class used as a metric label.
 
@@ -89,3 +81,8 @@ class DiscoveryError(ForwarderError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class NotReplicated(ForwarderError):
+    """Redis applied a batch but WAIT saw fewer replicas confirm it than configured: the
+    batch stays in the spool and is sent again (the high-water mark makes that safe)."""

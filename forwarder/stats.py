@@ -127,12 +127,15 @@ class WriterStats:
             (
                 "connection",
                 "timeout",
+                "auth",
                 "oom",
                 "readonly",
                 "loading",
                 "busy",
                 "noperm",
                 "wrongtype",
+                "cluster",
+                "replication",
                 "other",
             ),
             0,
@@ -140,5 +143,7 @@ class WriterStats:
     )
     last_ok_at: float | None = None  # monotonic time of the last successful Redis reply
     last_error: str | None = None
-    config_error: str | None = None  # NOPERM/WRONGTYPE: writes stopped until fixed
+    config_error: str | None = None  # NOPERM/WRONGTYPE/auth: writes stopped until fixed
+    config_error_kind: str | None = None  # its error kind
     batches: int = 0
+    replayed: int = 0  # entries skipped because Redis had them before this process started

@@ -58,7 +58,9 @@ class StatusReport:
         started_at: float,
         clock: Callable[[], float] = time.time,
         sections: Mapping[str, Callable[[], Any]] | None = None,
+        redis_extra: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        self._redis_extra = redis_extra or dict
         self._subscriptions = subscriptions
         # Other components' own sections ("discovery", ...), each built by its owner.
         self._sections = dict(sections or {})
@@ -114,6 +116,7 @@ class StatusReport:
             "ready": self._ready(),
             "redis": {
                 "url": self._redis_url,
+                **self._redis_extra(),
                 "last_success_age_seconds": None if last_ok is None else round(mono - last_ok, 3),
                 "last_error": redact(self._writer.last_error or "") or None,
                 "errors": dict(self._writer.errors),

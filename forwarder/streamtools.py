@@ -25,7 +25,7 @@ import redis
 from forwarder.config import DEFAULT_REDIS_URL, Config, RedisConfig, load_config, redact_url
 from forwarder.errors import ConfigError, ExitCode
 from forwarder.logs import redact
-from forwarder.sink import make_client
+from forwarder.redis_target import make_client
 from forwarder.streaminfo import LagKind, NotAStream, StreamFacts, decode_text, observe
 
 Entry = tuple[bytes, dict[bytes, bytes]]

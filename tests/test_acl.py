@@ -2,10 +2,11 @@
 
 What forwarder sends to Redis (forwarder/sink.py): PING when idle; EVALSHA of WRITE_BATCH,
 and SCRIPT LOAD when Redis does not have the script cached (fresh start, SCRIPT FLUSH); the
-script runs GET/SET on its high-water mark `forwarder:hwm:*` and XADD on the streams, their
-dead-letter streams and the gap stream. redis-py's connection handshake also sends
-CLIENT SETINFO (Redis >= 7.2), whose NOPERM redis-py ignores: granting +client|setinfo only
-keeps those refusals out of ACL LOG.
+script runs GET/SET on its high-water marks `forwarder:hwm:*` and XADD on the streams, their
+dead-letter streams and the gap stream. WAIT with `wait_replicas`; on a cluster also CLUSTER
+SLOTS, COMMAND and ASKING (the Sentinel and Cluster tests run as users with those rules).
+redis-py's connection handshake also sends CLIENT SETINFO (Redis >= 7.2), whose NOPERM
+redis-py ignores: granting +client|setinfo only keeps those refusals out of ACL LOG.
 """
 
 from __future__ import annotations
@@ -43,17 +44,25 @@ ACL_RULE = (
     "reset on >PASSWORD resetchannels ~forwarder:hwm:* ~forwarder:gaps ~wa:* "
     "+ping +evalsha +script|load +get +set +xadd"
 )
+# With `wait_replicas` (Sentinel, Cluster): +wait. On a cluster also what redis-py's
+# RedisCluster asks to learn the slot map and key positions, and ASKING for migrations:
+ACL_RULE_REPLICATED = ACL_RULE + " +wait"
+ACL_RULE_CLUSTER = ACL_RULE + " +wait +cluster|slots +command +asking"
 STREAM = "wa:{source}:{event}"
 FAST = "backoff = { initial = 0.05, maximum = 0.2, auth_initial = 0.2, auth_maximum = 10.0 }"
 
 # Every command forwarder sends, as ACL DRYRUN takes them (the script's inner commands are
 # checked exactly like top-level ones).
+# The marks: forwarder:hwm:{<stream>}:<spool id> per stream, and the previous version's
+# forwarder:hwm:<spool id>, read as a floor on a single Redis.
+MARK = "forwarder:hwm:{wa:main:messages.upsert}:w1"
 NEEDED = [
     ["PING"],
-    ["EVALSHA", "0" * 40, "2", "forwarder:hwm:w1", "wa:main:messages.upsert"],
+    ["EVALSHA", "0" * 40, "3", "wa:main:messages.upsert", MARK, "forwarder:hwm:w1"],
     ["SCRIPT", "LOAD", "return 1"],
+    ["GET", MARK],
     ["GET", "forwarder:hwm:w1"],
-    ["SET", "forwarder:hwm:w1", "5", "EX", "604800"],
+    ["SET", MARK, "5", "EX", "604800"],
     ["XADD", "wa:main:messages.upsert", "MAXLEN", "~", "1000", "*", "data", "{}"],
     ["XADD", "wa:main:messages.upsert:dlq", "*", "reason", "invalid_json"],
     ["XADD", "forwarder:gaps", "*", "start", "1"],
@@ -270,3 +279,58 @@ def test_missing_xadd_permission_loses_nothing(
     wait_for(lambda: forwarder.stats[0].forwarded == 5, 5, "the kept frames written")
     frames = [f[b"data"] for _, f in xrange(redis_client, "wa:main:messages.upsert")]
     assert frames == simulator.delivered_frames("main", "messages.upsert")
+
+
+@pytest.mark.parametrize("who", ["wrong password", "unknown user"])
+def test_refused_credentials_are_an_auth_error_until_fixed(
+    who: str,
+    acl_user: AclUser,
+    make_config: ConfigFactory,
+    run_forwarder: Callable[..., Forwarder],
+    simulator: Simulator,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """WRONGPASS is kind="auth", /readyz 503 with the reason, one ERROR; fixed, all lands."""
+    monkeypatch.setattr(sink, "AUTH_RETRY_SECONDS", 0.1)  # many refusals within the test
+    caplog.set_level(logging.INFO, logger="forwarder")
+    secret = secrets.token_hex(16)
+    user = ACL_USER if who == "wrong password" else "ghost"
+    port = acl_user.url.rsplit(":", 1)[1]
+    config = make_config(
+        {"main": ["messages.upsert"]},
+        stream=STREAM,
+        extra_source=FAST,
+        environ={"FORWARDER_REDIS_URL": f"redis://{user}:{secret}@127.0.0.1:{port}"},
+    )
+    forwarder = run_forwarder(config)
+    wait_for(lambda: connected(forwarder), 15, "connected")
+    try:
+        assert simulator.send("main", "messages.upsert", 5) == 5
+        wait_for(lambda: redis_errors(forwarder, "auth") >= 5, 15, "auth errors counted")
+        assert redis_errors(forwarder, "connection") == 0
+        code, body = scrape(forwarder, "/readyz")
+        assert code == 503
+        assert "authentication failed" in body
+        refusals = [
+            r for r in caplog.records if r.levelno == logging.ERROR and "credentials" in r.message
+        ]
+        assert len(refusals) == 1  # rate-limited: once a minute, not once per attempt
+        assert secret not in caplog.text
+        assert secret not in body
+    finally:
+        # The operator fixes the ACL to match redis.url: no restart needed.
+        if user == ACL_USER:
+            acl_user.admin.execute_command("ACL", "SETUSER", ACL_USER, f">{secret}")  # type: ignore[no-untyped-call]
+        else:
+            rule = ACL_RULE.replace("PASSWORD", secret).split()
+            acl_user.admin.execute_command("ACL", "SETUSER", "ghost", *rule)  # type: ignore[no-untyped-call]
+    try:
+        wait_for(lambda: forwarder.stats[0].forwarded == 5, 15, "the kept frames written")
+        wait_for(lambda: scrape(forwarder, "/readyz")[0] == 200, 15, "/readyz 200")
+        frames = [f[b"data"] for _, f in xrange(redis_client, "wa:main:messages.upsert")]
+        assert frames == simulator.delivered_frames("main", "messages.upsert")
+    finally:
+        if user != ACL_USER:
+            acl_user.admin.acl_deluser("ghost")

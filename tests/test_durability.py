@@ -7,12 +7,15 @@ number). Run alone with `pytest -m fault`.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,7 +189,7 @@ def test_lost_replies_are_not_written_twice(
     simulator: Simulator,
     own_redis: RedisServer,
 ) -> None:
-    """Redis applies a batch but the reply is cut: the re-sent batch adds nothing twice."""
+    """Redis applies a batch but its reply is cut: the re-sent batch adds nothing twice."""
     proxy = ReplyCuttingProxy(own_redis.port)
     proxy.start()
     try:
@@ -196,11 +199,15 @@ def test_lost_replies_are_not_written_twice(
         for _ in range(3):
             proxy.cut_next_reply()
             simulator.send("main", EVENT, 200)
-            wait_for(lambda: not proxy._armed.is_set(), 10, "a reply cut")
+            wait_for(lambda: not proxy.armed, 10, "a reply cut")
         settle(forwarder, simulator)
+        # Each cut reply was the array an applied batch returns, not an error like NOSCRIPT:
+        # the frames were in Redis before the writer re-sent them.
         assert proxy.cuts == 3
+        assert all(reply.startswith(b"*") for reply in proxy.cut_replies)
         assert forwarder.writer_stats.errors["connection"] >= 3
         assert_exactly_once_in_order(in_redis(own_redis), delivered(simulator))
+        assert forwarder.stats[0].forwarded == len(delivered(simulator))
     finally:
         proxy.stop()
 
@@ -235,7 +242,9 @@ def test_a_full_spool_refuses_new_frames_and_keeps_the_old(
 # -- the forwarder process itself dies or is stopped -------------------------------------------
 
 
-def write_config(tmp_path: Path, sim: Simulator, redis_url: str) -> Path:
+def write_config(
+    tmp_path: Path, sim: Simulator, redis_url: str, metrics_port: int | None = None
+) -> Path:
     token = tmp_path / "token"
     token.write_text(mint_token("main", SECRET))
     path = tmp_path / "forwarder.toml"
@@ -247,7 +256,7 @@ dir = "{tmp_path / "spool"}"
 url = "{redis_url}"
 socket_timeout = 1.0
 [metrics]
-listen = "127.0.0.1:{free_port()}"
+listen = "127.0.0.1:{metrics_port or free_port()}"
 [[sources]]
 name = "main"
 url = "{sim.url}"
@@ -301,6 +310,47 @@ def test_kill_9_mid_stream_then_restart_replays_the_spool_without_duplicates(
     assert got == everything[:kept] + second
     # What the first process received was in its spool; only the socket buffer is lost.
     assert first_connection - kept < 500
+
+
+def status(port: int) -> dict[str, Any]:
+    """/status of a forwarder process, or {} while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as response:
+            data: dict[str, Any] = json.loads(response.read())
+            return data
+    except OSError:
+        return {}
+
+
+def spooled(port: int) -> int:
+    return int(status(port).get("spool", {}).get("pending_messages", -1))
+
+
+def test_kill_9_with_redis_down_replays_every_spooled_frame_exactly_once(
+    tmp_path: Path, simulator: Simulator, own_redis: RedisServer
+) -> None:
+    """kill -9 while every frame waits for a down Redis: the next run writes each one once."""
+    own_redis.stop()  # down from the start: nothing can leave the spool
+    port = free_port()
+    config = write_config(tmp_path, simulator, own_redis.url, metrics_port=port)
+    proc = run(config)
+    try:
+        wait_for(lambda: open_connections(simulator) == 1, 15, "connected")
+        assert simulator.send("main", EVENT, 500) == 500
+        wait_for(lambda: spooled(port) == 500, 15, "500 frames spooled")
+        proc.kill()  # no shutdown, no cursor saved, no fsync: only the kernel has them
+        proc.wait(5)
+        own_redis.start()
+        proc = run(config)
+        wait_for(lambda: open_connections(simulator) == 1, 15, "reconnected")
+        assert simulator.send("main", EVENT, 100) == 100  # and the new run's own frames
+        wait_for(lambda: len(in_redis(own_redis)) >= 600, 30, "spool replayed")
+        wait_for(lambda: spooled(port) == 0, 15, "spool drained")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+    assert len(delivered(simulator)) == 600
+    assert_exactly_once_in_order(in_redis(own_redis), delivered(simulator))
 
 
 def test_sigterm_with_redis_down_exits_0_and_delivers_after_restart(

@@ -3,27 +3,32 @@
 from __future__ import annotations
 
 import base64
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis
 import redis.exceptions as rex
 
+from forwarder import sink
 from forwarder.config import Config, RedisConfig
 from forwarder.frames import Opcode, Oversized
-from forwarder.sink import RedisWriter, error_kind, make_client
+from forwarder.redis_target import RedisTarget, make_target
+from forwarder.sink import RedisWriter, error_kind
 from forwarder.spool import GAP, DiskSpool, Entry, Route
 from forwarder.stats import SubscriptionStats, WriterStats
 from tests.conftest import ConfigFactory
 from tests.helpers import RedisServer, wait_for, xrange
+from tests.proxy import SlowReplyProxy
 
 
 class Harness:
     """A writer over a disk spool, for the subscriptions of a config."""
 
-    def __init__(self, config: Config, client: redis.Redis, spool_dir: Path) -> None:
+    def __init__(self, config: Config, client: RedisTarget, spool_dir: Path) -> None:
         self.subs = config.subscriptions()
         routes = [Route(s.source.name, s.event, s.stream, s.dead_letter_stream) for s in self.subs]
         self.spool = DiskSpool(spool_dir, routes, max_bytes=1 << 30)
@@ -48,7 +53,7 @@ def harness(
     make_config: ConfigFactory, redis_server: RedisServer, tmp_path: Path
 ) -> Iterator[Harness]:
     config = make_config({"main": ["messages.upsert", "chats.upsert"]})
-    client = make_client(RedisConfig(url=redis_server.url))
+    client = make_target(RedisConfig(url=redis_server.url))
     h = Harness(config, client, tmp_path / "spool")
     yield h
     h.close()
@@ -143,7 +148,7 @@ def test_writes_wait_for_redis_to_come_back_and_lose_nothing(
     server = RedisServer(tmp_path)
     server.start()
     config = make_config({"main": ["messages.upsert"]})
-    client = make_client(RedisConfig(url=server.url, socket_timeout=1.0))
+    client = make_target(RedisConfig(url=server.url, socket_timeout=1.0))
     h = Harness(config, client, tmp_path / "spool")
     try:
         h.writer.start()
@@ -203,3 +208,151 @@ def test_gap_records_go_to_the_gap_stream_in_order_with_the_frames(
 def test_error_kinds(exc: Exception, kind: str) -> None:
     """Each Redis failure maps to one bounded metric label, whatever redis-py did to its text."""
     assert error_kind(exc) == kind
+
+
+EXHAUSTED = "18446744073709551615-18446744073709551615"  # the last stream ID there is
+
+
+def test_a_refusal_before_a_wrongtype_stop_is_dead_lettered_and_never_counted_forwarded(
+    harness: Harness, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One stream refuses XADD on its merits, another turns WRONGTYPE: nothing is lost or
+    miscounted once the key is fixed."""
+    monkeypatch.setattr(sink, "CONFIG_ERROR_RETRY_SECONDS", 0.2)
+    # messages.upsert cannot take another entry; chats.upsert becomes a string mid-run.
+    redis_client.xadd("main:messages.upsert", {"x": "1"}, id=EXHAUSTED)
+    harness.put(1, [b"[0]"])
+    harness.writer.start()
+    wait_for(lambda: harness.stats[1].forwarded == 1, what="the first frame")
+    redis_client.delete("main:chats.upsert")
+    redis_client.set("main:chats.upsert", "not a stream")
+    harness.put(0, [b"[1]"])  # refused: the stream is exhausted
+    harness.put(1, [b"[2]"])  # stops the batch: WRONGTYPE
+    harness.put(0, [b"[3]"])
+    wait_for(lambda: harness.writer_stats.errors["wrongtype"] >= 2, what="WRONGTYPE retried")
+    redis_client.delete("main:chats.upsert")  # the operator fixes the key
+    wait_for(lambda: harness.spool.pending()[0] == 0, what="the spool drained")
+    dead = xrange(redis_client, "main:messages.upsert:dlq")
+    assert [base64.b64decode(f[b"data_base64"]) for _, f in dead] == [b"[1]", b"[3]"]
+    assert {f[b"reason"] for _, f in dead} == {b"redis_rejected"}
+    assert all(b"exhausted" in f[b"error"] for _, f in dead)
+    assert [f[b"data"] for _, f in xrange(redis_client, "main:chats.upsert")] == [b"[2]"]
+    # forwarded counts what the streams hold, nothing more.
+    assert harness.stats[0].forwarded == 0
+    assert harness.stats[0].invalid == {"redis_rejected": 2}
+    assert harness.stats[1].forwarded == 2
+    assert harness.stats[0].lost == harness.stats[1].lost == 0
+
+
+def test_a_refusal_whose_reply_was_lost_is_still_dead_lettered(
+    harness: Harness, redis_client: redis.Redis
+) -> None:
+    """The mark remembers refusals: a batch re-sent after a lost reply dead-letters them."""
+    redis_client.xadd("main:messages.upsert", {"x": "1"}, id=EXHAUSTED)
+    harness.put(0, [b"[1]"])
+    harness.put(1, [b"[2]"])
+    batch = harness.spool.peek(10, 0)
+    call = harness.writer._packer.pack(batch, {}, 1)
+    harness.writer._evalsha(call.keys, call.args)  # applied; its reply "lost" (never read)
+    assert harness.writer._write(batch) == 2  # the re-send
+    dead = xrange(redis_client, "main:messages.upsert:dlq")
+    assert [base64.b64decode(f[b"data_base64"]) for _, f in dead] == [b"[1]"]
+    assert redis_client.xlen("main:chats.upsert") == 1
+
+
+def test_replays_of_a_previous_run_are_not_counted_as_forwarded(
+    make_config: ConfigFactory, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    """Entries Redis stored before a restart are skipped and counted as replayed, not forwarded."""
+    config = make_config({"main": ["messages.upsert"]})
+    client = make_target(config.redis)
+    first = Harness(config, client, tmp_path / "spool")
+    first.put(0, [b"[1]", b"[2]", b"[3]"])
+    assert first.writer._write(first.spool.peek(10, 0)) == 3  # stored, never committed
+    first.spool.close()  # as if the process died before the commit
+    second = Harness(config, client, tmp_path / "spool")
+    try:
+        second.writer.start()
+        wait_for(lambda: second.spool.pending()[0] == 0, what="the replay settled")
+        assert redis_client.xlen("main:messages.upsert") == 3
+        assert second.stats[0].forwarded == 0
+        assert second.writer_stats.replayed == 3
+    finally:
+        second.close()
+        client.close()
+
+
+def slow_harness(
+    make_config: ConfigFactory, proxy: SlowReplyProxy, tmp_path: Path, batch_max: int = 1000
+) -> tuple[Harness, RedisTarget]:
+    config = make_config({"main": ["messages.upsert"]})
+    cfg = RedisConfig(
+        url=f"redis://127.0.0.1:{proxy.port}/0", socket_timeout=1.0, batch_max=batch_max
+    )
+    client = make_target(cfg)
+    return Harness(replace(config, redis=cfg), client, tmp_path / "spool"), client
+
+
+@pytest.mark.slow
+def test_a_redis_slower_than_socket_timeout_still_gets_every_frame(
+    make_config: ConfigFactory,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Replies 1.5 s late with a 1.0 s timeout: the writer waits longer, says so, loses nothing."""
+    # Every batch (an EVALSHA is over 120 bytes) is answered 1.5 s late; the connection
+    # handshake's small commands are not, so that the test measures the writes.
+    proxy = SlowReplyProxy(redis_server.port, lambda size: 1.5 if size > 120 else 0.0)
+    proxy.start()
+    h, client = slow_harness(make_config, proxy, tmp_path)
+    try:
+        payloads = [b"[%d]" % i for i in range(300)]
+        h.put(0, payloads)
+        h.writer.start()
+        wait_for(lambda: h.stats[0].forwarded == 300, 30, "every frame confirmed")
+        got = [f[b"data"] for _, f in xrange(redis_client, "main:messages.upsert")]
+        assert got == payloads
+        assert h.writer_stats.errors["timeout"] >= 1
+        assert "did not answer a batch" in caplog.text
+    finally:
+        h.close()
+        client.close()
+        proxy.stop()
+
+
+@pytest.mark.slow
+def test_batches_shrink_while_big_ones_time_out_and_grow_back_after(
+    make_config: ConfigFactory,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+    tmp_path: Path,
+) -> None:
+    """Big requests get no answer in time: smaller batches go through, then sizes grow back."""
+    slow = threading.Event()
+    slow.set()
+    # Requests over 4 KiB are answered after 30 s (far beyond any patience), others at once.
+    proxy = SlowReplyProxy(
+        redis_server.port, lambda size: 30.0 if slow.is_set() and size > 4096 else 0.0
+    )
+    proxy.start()
+    h, client = slow_harness(make_config, proxy, tmp_path, batch_max=64)
+    try:
+        payloads = [b'{"n":%d,"pad":"%s"}' % (i, b"x" * 200) for i in range(400)]
+        h.put(0, payloads)
+        h.writer.start()
+        wait_for(lambda: h.stats[0].forwarded == 400, 60, "every frame confirmed")
+        assert h.writer._pacer.limit < 64
+        slow.clear()
+        more = [b"[%d]" % i for i in range(1000)]
+        for i in range(0, 1000, 10):  # bounded: 100 appends while the limit grows back
+            h.put(0, more[i : i + 10])
+        wait_for(lambda: h.stats[0].forwarded == 1400, 30, "the rest confirmed")
+        wait_for(lambda: h.writer._pacer.limit == 64, 10, "batches back to batch_max")
+        got = [f[b"data"] for _, f in xrange(redis_client, "main:messages.upsert")]
+        assert got == payloads + more
+    finally:
+        h.close()
+        client.close()
+        proxy.stop()
