@@ -21,6 +21,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from forwarder.errors import ConfigError
 from forwarder.events import ALLOWED_EVENTS, REFUSED_EVENTS, SENT_EVENTS
+from forwarder.fleet.config import NAME_RE as FLEET_NAME_RE
+from forwarder.fleet.config import FleetConfig
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9108"
@@ -205,6 +207,7 @@ class Config:
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
     path: Path | None = None
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def subscriptions(self) -> list[Subscription]:
         subs = []
@@ -269,6 +272,7 @@ class Config:
                 {"source": sub.source.name, "event": sub.event, "stream": sub.stream}
                 for sub in self.subscriptions()
             ],
+            "fleet": {f.name: getattr(self.fleet, f.name) for f in fields(self.fleet)},
         }
 
 
@@ -336,6 +340,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     metrics_cfg = _parse_metrics(reader.table("metrics"))
     spool_cfg = _parse_spool(reader.table("spool"), environ)
     sources = [_parse_source(t, environ) for t in reader.tables("sources")]
+    fleet_cfg = _parse_fleet(reader.table("fleet"))
     shutdown_timeout = reader.number("shutdown_timeout", 10.0, minimum=0.1)
     log_level = reader.string("log_level", "INFO").upper()
     reader.finish()
@@ -375,6 +380,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
         shutdown_timeout=shutdown_timeout,
         log_level=log_level,
         path=file_path,
+        fleet=fleet_cfg,
     )
     _check_unique(config)
     return config
@@ -419,6 +425,37 @@ def default_spool_dir(environ: Mapping[str, str]) -> Path:
         return Path(state.split(":")[0]) / "spool"
     xdg = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(xdg) / "forwarder" / "spool"
+
+
+def _parse_fleet(t: _Table) -> FleetConfig:
+    """[fleet]: several forwarder processes share the subscriptions (forwarder/fleet/)."""
+    ttl = t.number("lease_ttl", FleetConfig.lease_ttl, minimum=1.0)
+    name = t.optional_string("name")
+    if name is not None and not FLEET_NAME_RE.match(name):
+        raise ConfigError(
+            f"{t.key('name')}: {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+        )
+    group = t.string("group", FleetConfig.group)
+    if not FLEET_NAME_RE.match(group):
+        raise ConfigError(
+            f"{t.key('group')}: {group!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+        )
+    cfg = FleetConfig(
+        enabled=t.boolean("enabled", False),
+        name=name,
+        group=group,
+        lease_ttl=ttl,
+        renew_interval=t.number("renew_interval", ttl / 3, minimum=0.05),
+        margin=t.number("margin", ttl / 5, minimum=0.05),
+        handover_timeout=t.number("handover_timeout", FleetConfig.handover_timeout, minimum=1.0),
+        max_handovers=t.integer("max_handovers", FleetConfig.max_handovers, minimum=1)
+        or FleetConfig.max_handovers,
+    )
+    problem = cfg.check()
+    if problem is not None:
+        raise ConfigError(problem)
+    t.finish()
+    return cfg
 
 
 def _parse_metrics(t: _Table) -> MetricsConfig:
@@ -726,6 +763,14 @@ class _Table:
             return default
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{self._where}: {self.key(name)} must be a list of strings")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._where}: {self.key(name)} must be true or false")
         return value
 
     def number(self, name: str, default: float, minimum: float) -> float:
