@@ -8,7 +8,8 @@ leave our wrapper code, with a message that never contains the token.
     ├── SubscriberError        one WebSocket connection failed
     │   ├── HandshakeRejected  the upgrade was answered with an HTTP status (401, 5xx…)
     │   └── ConnectFailed      no HTTP answer at all (refused, timeout, TLS, DNS)
-    └── SinkError              a Redis write failed
+    ├── SinkError              a Redis write failed
+    └── FleetError             fleet mode could not do a Redis round trip
 """
 
 from __future__ import annotations
@@ -52,6 +53,17 @@ class ConnectFailed(SubscriberError):
 
 class SinkError(ForwarderError):
     """A Redis write failed; ``kind`` is the bounded error class used as a metric label."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class FleetError(ForwarderError):
+    """A fleet round trip to Redis failed or got an unusable answer; ``kind`` as in SinkError.
+
+    The member cannot tell whether the step was applied: it keeps what it holds until its
+    own deadlines and tries again next round."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
