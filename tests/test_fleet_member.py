@@ -14,71 +14,12 @@ import pytest
 
 from forwarder.errors import FleetError
 from forwarder.fleet.assignment import owner
-from forwarder.fleet.config import FleetConfig
 from forwarder.fleet.directives import Acquired, ConnectAsSuccessor, Resubscribe, StopNow
-from forwarder.fleet.keys import Key, sub_id
+from forwarder.fleet.keys import sub_id
 from forwarder.fleet.member import FleetMember
 from forwarder.fleet.runner import FleetThread
-from tests.fleet_harness import Obedient, Upstream, keys, owners
-from tests.fleet_model import FakeClock, ModelRedis, ModelStore
-
-CONFIG = FleetConfig(enabled=True, lease_ttl=10.0, renew_interval=10 / 3, margin=2.0)
-
-
-class World:
-    def __init__(self, config: FleetConfig = CONFIG) -> None:
-        self.config = config
-        self.clock = FakeClock()
-        self.redis = ModelRedis(self.clock)
-        self.upstream = Upstream()
-        self.members: dict[str, FleetMember] = {}
-        self.threads: dict[str, FleetThread] = {}
-        self.stores: dict[str, ModelStore] = {}
-        self.daemons: dict[str, Obedient] = {}
-        self.paused: set[str] = set()
-        self.candidates: list[Key] = []
-        self.blind: dict[Key, int] = {}  # checks at which an owned key had no feed
-        self.double: list[tuple[Key, list[str]]] = []
-
-    def add(self, name: str, candidates: list[Key] | None = None) -> FleetMember:
-        member = FleetMember(self.config, self.clock, name=name, incarnation=f"{name}-1")
-        member.set_candidates(self.candidates if candidates is None else candidates)
-        self.members[name] = member
-        self.stores[name] = ModelStore(self.redis, self.config)
-        self.threads[name] = FleetThread(member, self.stores[name])
-        self.daemons[name] = Obedient(member, self.upstream)
-        return member
-
-    def round(self, name: str) -> None:
-        directives = self.threads[name].run_round()
-        self.daemons[name].apply(directives)
-        self.daemons[name].due_resubscribes(self.clock.monotonic())
-        self.check()
-
-    def step(self, seconds: float = 10 / 3, rounds: int = 1) -> None:
-        """Advance the clock, then let every running member do `rounds` rounds."""
-        self.clock.advance(seconds)
-        for _ in range(rounds):
-            for name in list(self.members):
-                if name not in self.paused:
-                    self.round(name)
-
-    def settle(self, steps: int = 12, seconds: float = 10 / 3) -> None:
-        for _ in range(steps):
-            self.step(seconds, rounds=3)
-
-    def check(self) -> None:
-        live = [m for n, m in self.members.items() if n not in self.paused]
-        for key, holders in owners(list(self.members.values())).items():
-            if len(holders) > 1:
-                self.double.append((key, holders))
-        for m in live:
-            for key in m.owned():
-                if self.upstream.feed(key) is None:
-                    self.blind[key] = self.blind.get(key, 0) + 1
-
-    def owner_of(self, key: Key) -> list[str]:
-        return owners(list(self.members.values())).get(key, [])
+from tests.fleet_harness import CONFIG, World, alone, keys, owners
+from tests.fleet_model import ModelStore
 
 
 @pytest.fixture
@@ -87,15 +28,6 @@ def world() -> Iterator[World]:
     w.candidates = keys(60)
     yield w
     assert not w.double, f"two lease holders at once: {w.double[:3]}"
-
-
-def alone(world: World, candidates: list[Key] | None = None) -> FleetMember:
-    """Member "a" alone, past the first epoch's quiet period, holding every candidate."""
-    a = world.add("a", candidates)
-    world.step(0.0)
-    world.step(CONFIG.lease_ttl)
-    assert a.owned() == frozenset(world.candidates if candidates is None else candidates)
-    return a
 
 
 def all_owned_once(world: World) -> bool:
