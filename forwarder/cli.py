@@ -1,4 +1,4 @@
-"""Command line: `forwarder run | check-config | simulate | watch`.
+"""Command line: `forwarder run | check-config | simulate | watch | fleet`.
 
 Secrets never come from argv (visible in ps and shell history): only from files, the
 environment, or systemd credentials, as the configuration says.
@@ -40,6 +40,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return ExitCode.CONFIG
         return forwarder_sim.main(args[1:])
+    if args and args[0] == "fleet":  # `fleet status|drain` has its own parser
+        from forwarder.fleet.cli import main as fleet_main
+
+        return fleet_main(args[1:])
     parser = _parser()
     ns = parser.parse_args(args)
     if ns.command is None:
@@ -64,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", help="TOML configuration file (default: $FORWARDER_CONFIG)")
     sub.add_parser("simulate", help="run a local stand-in for the upstream server (see --help)")
+    sub.add_parser("fleet", help="fleet mode: `fleet status`, `fleet drain` (see --help)")
     watch = sub.add_parser("watch", help="live per-event view of a running forwarder")
     watch.add_argument("--status-url", default="http://127.0.0.1:9108/status")
     watch.add_argument("--redis-url", help="also show each stream's length (XLEN)")
