@@ -351,6 +351,14 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
         metrics_cfg = replace(metrics_cfg, listen=environ["FORWARDER_METRICS_LISTEN"])
     if "FORWARDER_LOG_LEVEL" in environ:
         log_level = environ["FORWARDER_LOG_LEVEL"].upper()
+    if environ.get("FORWARDER_FLEET_NAME"):  # e.g. Environment=FORWARDER_FLEET_NAME=%H
+        name = environ["FORWARDER_FLEET_NAME"]
+        if not FLEET_NAME_RE.match(name):
+            raise ConfigError(
+                f"FORWARDER_FLEET_NAME: {name!r} must be 1-64 characters of letters, digits, "
+                "'_', '.', '-'"
+            )
+        fleet_cfg = replace(fleet_cfg, name=name)
     if environ.get("FORWARDER_URL"):
         if sources:
             raise ConfigError(

@@ -85,3 +85,15 @@ def test_check_config_shows_the_fleet_settings(tmp_path: Path) -> None:
     assert shown["enabled"] is True
     assert shown["lease_ttl"] == 10.0
     assert shown["name"] is None
+
+
+def test_the_environment_names_the_member(tmp_path: Path) -> None:
+    """FORWARDER_FLEET_NAME (e.g. %H in the unit) wins over [fleet] name; bad ones fail."""
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    path = tmp_path / "f.toml"
+    path.write_text(
+        (SOURCE + '[fleet]\nname = "file"\n').replace("TOKEN_FILE", str(tmp_path / "token"))
+    )
+    assert load_config(path, {"FORWARDER_FLEET_NAME": "host-b"}).fleet.member_name() == "host-b"
+    with pytest.raises(ConfigError, match="FORWARDER_FLEET_NAME: 'a b' must be"):
+        load_config(path, {"FORWARDER_FLEET_NAME": "a b"})

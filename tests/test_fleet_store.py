@@ -3,6 +3,7 @@ the fast tests use (tests/fleet_model.py), so both behave the same."""
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Protocol
 
@@ -27,7 +28,7 @@ from forwarder.fleet.protocol import (
 )
 from forwarder.fleet.store import CHUNK, RedisFleetStore
 from tests.fleet_model import FakeClock, ModelRedis, ModelStore
-from tests.helpers import wait_for
+from tests.helpers import RedisServer, wait_for
 
 CONFIG = FleetConfig(enabled=True, lease_ttl=5.0, renew_interval=1.0, margin=1.0)
 KEY: Key = ("main", "messages.upsert")
@@ -353,3 +354,68 @@ def test_an_unreachable_redis_is_a_fleet_error_without_secrets(redis_client: red
     assert caught.value.kind == "connection"
     assert "s3cret" not in str(caught.value)
     assert time.monotonic() - started < 5
+
+
+# The fleet's least-privilege Redis user, as docs/fleet.md documents it (scripts run with the
+# caller's ACL, so the commands inside them are granted one by one).
+FLEET_ACL = (
+    "reset on >PASSWORD resetchannels ~forwarder:fleet:* +evalsha +script|load "
+    "+script|exists +mget +time +get +set +pexpire +del +hget +hset +hincrby +hexists +hdel "
+    "+zadd +zscore +zrange +zrem +zremrangebyscore"
+)
+
+
+def _exercise(store: RedisFleetStore, admin: redis.Redis) -> None:
+    """Every script and every path a member takes: join, acquire, adopt, move, release,
+    take over, cancel, leave."""
+    backend = RealBackend(admin)
+    backend.end_quiet()
+    store.heartbeat(HeartbeatRequest(A))
+    (token_a,) = [a.token for a in store.change(A, ChangeRequest(acquire=(KEY,))).acquired]
+    assert token_a is not None
+    store.change(A, ChangeRequest(acquire=(KEY,)))  # adopt: PEXPIRE
+    store.heartbeat(HeartbeatRequest(A, (Renewal(KEY, token_a, False),)))
+    store.change(A, ChangeRequest(handovers=(HandoverAsk(KEY, token_a, "b"),)))
+    (claim,) = store.change(B, ChangeRequest(acquire=(KEY,))).acquired
+    assert claim.token is not None
+    store.change(B, ChangeRequest(connected=((KEY, claim.token),)))
+    store.change(A, ChangeRequest(cancel=((KEY, token_a),)))
+    store.change(A, ChangeRequest(release=((KEY, token_a),)))
+    store.heartbeat(HeartbeatRequest(B, (Renewal(KEY, claim.token, True),)))
+    store.change(B, ChangeRequest(release=((KEY, claim.token),)))
+    (again,) = store.change(A, ChangeRequest(acquire=(KEY,))).acquired  # previous: HGET, ZSCORE
+    assert again.previous is not None
+    store.leave(A)
+
+
+def test_a_member_needs_only_the_documented_acl(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    """A member works with FLEET_ACL, and loses a step (noperm) without any one grant."""
+    password = secrets.token_hex(8)
+
+    def as_user(rule: str) -> RedisFleetStore:
+        tokens = rule.replace("PASSWORD", password).split()
+        redis_client.execute_command("ACL", "SETUSER", "fleet", *tokens)  # type: ignore[no-untyped-call]
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=redis_server.port,
+            username="fleet",
+            password=password,
+            socket_timeout=2,
+        )
+        return RedisFleetStore(client, CONFIG)
+
+    try:
+        _exercise(as_user(FLEET_ACL), redis_client)
+        grants = [t for t in FLEET_ACL.split() if t[0] in "~+"]
+        assert len(grants) == 20
+        for grant in grants:
+            redis_client.flushall()
+            redis_client.script_flush()
+            store = as_user(" ".join(t for t in FLEET_ACL.split() if t != grant))
+            with pytest.raises(FleetError) as caught:
+                _exercise(store, redis_client)
+            assert caught.value.kind == "noperm", (grant, caught.value)
+    finally:
+        redis_client.acl_deluser("fleet")
