@@ -277,7 +277,7 @@ def test_shutdown_hands_everything_over_then_leaves(fleet: Fleet) -> None:
     a = fleet.add("a")
     b_thread = fleet.add("b")
     fleet.start_checking()
-    wait(fleet.owned_once, "every lease owned exactly once")
+    wait(fleet.settled, "both holding their share")
     handed = a.shutdown(time.monotonic() + 20.0, time.monotonic)
     assert handed
     assert not a.is_alive()
