@@ -1,5 +1,5 @@
 """Command line: `forwarder run | check-config | discover | simulate | watch | tail | streams`,
-`forwarder dlq show`.
+`forwarder dlq show`, `forwarder fleet status | drain`.
 
 Secrets never come from argv (visible in ps and shell history): only from files, the
 environment, or systemd credentials, as the configuration says.
@@ -43,6 +43,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return ExitCode.CONFIG
         return forwarder_sim.main(args[1:])
+    if args and args[0] == "fleet":  # `fleet status|drain` has its own parser
+        from forwarder.fleet.cli import main as fleet_main
+
+        return fleet_main(args[1:])
     parser = _parser()
     ns = parser.parse_args(args)
     if ns.command is None:
@@ -83,6 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     discover.add_argument("--config", help="TOML configuration file (default: $FORWARDER_CONFIG)")
     discover.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("simulate", help="run a local stand-in for the upstream server (see --help)")
+    sub.add_parser("fleet", help="fleet mode: `fleet status`, `fleet drain` (see --help)")
     watch = sub.add_parser("watch", help="live per-event view of a running forwarder")
     watch.add_argument("--status-url", type=_http_url, default="http://127.0.0.1:9108/status")
     watch.add_argument("--redis-url", type=_redis_url, help="also show each stream's length")
@@ -192,6 +197,13 @@ def _run(ns: argparse.Namespace, startup: StartupSignals) -> ExitCode:
         setup_logging(config.log_level)
         for warning in config.warnings():
             log.warning("%s", warning)
+        if config.fleet.enabled:
+            # Phase 1 of fleet mode ships the parts (forwarder/fleet/); until the daemon
+            # runs them, a second process would fight this one for every feed.
+            raise ConfigError(
+                "[fleet] enabled = true: fleet mode is not wired into `forwarder run` yet "
+                "(see docs/fleet.md); run a single forwarder with enabled = false"
+            )
         forwarder = Forwarder(
             config,
             notifier=Notifier.from_env(os.environ),

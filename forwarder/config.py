@@ -34,6 +34,8 @@ from forwarder.tokens import is_jwt
 
 if TYPE_CHECKING:
     from forwarder.discovery_config import DiscoveryConfig
+from forwarder.fleet.config import NAME_RE as FLEET_NAME_RE
+from forwarder.fleet.config import FleetConfig
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9108"
@@ -300,6 +302,7 @@ class Config:
     log_level: str = "INFO"
     path: Path | None = None
     discovery: tuple[DiscoveryConfig, ...] = ()
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     def subscriptions(self) -> list[Subscription]:
         subs = []
@@ -394,6 +397,7 @@ class Config:
                 {"source": sub.source.name, "event": sub.event, "stream": sub.stream}
                 for sub in self.subscriptions()
             ],
+            "fleet": {f.name: getattr(self.fleet, f.name) for f in fields(self.fleet)},
         }
 
 
@@ -454,6 +458,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     from forwarder.discovery_config import parse_discovery  # it imports this module
 
     discovery = [parse_discovery(t, environ) for t in reader.tables("discovery")]
+    fleet_cfg = _parse_fleet(reader.table("fleet"))
     shutdown_timeout = reader.number("shutdown_timeout", 10.0, minimum=0.1)
     log_level = reader.string("log_level", "INFO").upper()
     reader.finish()
@@ -470,6 +475,14 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     if "FORWARDER_LOG_LEVEL" in environ:
         log_level = environ["FORWARDER_LOG_LEVEL"].upper()
         level_where = "FORWARDER_LOG_LEVEL"
+    if environ.get("FORWARDER_FLEET_NAME"):  # e.g. Environment=FORWARDER_FLEET_NAME=%H
+        name = environ["FORWARDER_FLEET_NAME"]
+        if not FLEET_NAME_RE.match(name):
+            raise ConfigError(
+                f"FORWARDER_FLEET_NAME: {name!r} must be 1-64 characters of letters, digits, "
+                "'_', '.', '-'"
+            )
+        fleet_cfg = replace(fleet_cfg, name=name)
     if environ.get("FORWARDER_URL"):
         if sources:
             raise ConfigError(
@@ -524,6 +537,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
         log_level=log_level,
         path=file_path,
         discovery=tuple(discovery),
+        fleet=fleet_cfg,
     )
     _check_unique(config)
     return config
@@ -598,6 +612,37 @@ def default_spool_dir(environ: Mapping[str, str]) -> Path:
         return Path(state.split(":")[0]) / "spool"
     xdg = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(xdg) / "forwarder" / "spool"
+
+
+def _parse_fleet(t: _Table) -> FleetConfig:
+    """[fleet]: several forwarder processes share the subscriptions (forwarder/fleet/)."""
+    ttl = t.number("lease_ttl", FleetConfig.lease_ttl, minimum=1.0)
+    name = t.optional_string("name")
+    if name is not None and not FLEET_NAME_RE.match(name):
+        raise ConfigError(
+            f"{t.key('name')}: {name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+        )
+    group = t.string("group", FleetConfig.group)
+    if not FLEET_NAME_RE.match(group):
+        raise ConfigError(
+            f"{t.key('group')}: {group!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
+        )
+    cfg = FleetConfig(
+        enabled=t.boolean("enabled", False),
+        name=name,
+        group=group,
+        lease_ttl=ttl,
+        renew_interval=t.number("renew_interval", ttl / 3, minimum=0.05),
+        margin=t.number("margin", ttl / 5, minimum=0.05),
+        handover_timeout=t.number("handover_timeout", FleetConfig.handover_timeout, minimum=1.0),
+        max_handovers=t.integer("max_handovers", FleetConfig.max_handovers, minimum=1)
+        or FleetConfig.max_handovers,
+    )
+    problem = cfg.check()
+    if problem is not None:
+        raise ConfigError(problem)
+    t.finish()
+    return cfg
 
 
 def _parse_metrics(t: _Table) -> MetricsConfig:
@@ -959,6 +1004,14 @@ class _Table:
             raise ConfigError(f"{self._where}: {self.key(name)} must be a list of strings")
         return value
 
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self._get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise ConfigError(f"{self._where}: {self.key(name)} must be true or false")
+        return value
+
     def number(self, name: str, default: float, minimum: float) -> float:
         value = self._get(name)
         if value is None:
@@ -977,14 +1030,6 @@ class _Table:
             raise ConfigError(f"{self._where}: {self.key(name)} must be an integer")
         if value < minimum:
             raise ConfigError(f"{self._where}: {self.key(name)} must be at least {minimum}")
-        return value
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self._get(name)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self._where}: {self.key(name)} must be true or false")
         return value
 
     def finish(self) -> None:

@@ -11,7 +11,8 @@ leave our wrapper code, with a message that never contains the token.
     │   ├── HandshakeRejected  the upgrade was answered with an HTTP status (401, 5xx…)
     │   └── ConnectFailed      no HTTP answer at all (refused, timeout, TLS, DNS)
     ├── DiscoveryError         listing a server's instances failed (discovery.py)
-    └── NotReplicated          fewer replicas than redis.wait_replicas confirmed a write
+    ├── NotReplicated          fewer replicas than redis.wait_replicas confirmed a write
+    └── FleetError             fleet mode could not do a Redis round trip
 """
 
 from __future__ import annotations
@@ -86,3 +87,15 @@ class DiscoveryError(ForwarderError):
 class NotReplicated(ForwarderError):
     """Redis applied a batch but WAIT saw fewer replicas confirm it than configured: the
     batch stays in the spool and is sent again (the high-water mark makes that safe)."""
+
+
+class FleetError(ForwarderError):
+    """A fleet round trip to Redis failed or got an unusable answer; ``kind`` is the bounded
+    error class (as for forwarder_redis_errors_total).
+
+    The member cannot tell whether the step was applied: it keeps what it holds until its
+    own deadlines and tries again next round."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
