@@ -68,7 +68,7 @@ import websocket
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
 from forwarder.config import Secret, SourceConfig, Subscription, redact_url
 from forwarder.errors import ConfigError, ConnectFailed, HandshakeRejected
-from forwarder.frames import FrameParser, Opcode, ProtocolViolation, close_code
+from forwarder.frames import FrameParser, Opcode, close_code
 from forwarder.spool import GAP, DiskSpool, Entry, entry_size
 from forwarder.stats import State, SubscriptionStats
 
@@ -757,11 +757,7 @@ class Subscriber:
             link.last_rx = clock()
             link.last_rx_wall = received_at
             link.ping_sent = None  # any byte shows the peer is alive
-            try:
-                messages = parser.feed(data)
-            except ProtocolViolation as exc:
-                self._send_close(link, 1002)
-                return _End("1002", f"protocol error: {exc}", received_at)
+            messages = parser.feed(data)
             entries: list[Entry] = []
             for opcode, payload in messages:
                 if opcode >= _CLOSE:  # a plain int: an Enum member lookup per frame costs
@@ -782,6 +778,10 @@ class Subscriber:
                             link.conn.pong(payload)
                     continue
                 entries.append(Entry(self._index, opcode, payload, received_at))
+            if parser.error is not None:  # frames before the violation are kept (issue 9)
+                self._store(link, entries)
+                self._send_close(link, 1002)
+                return _End("1002", f"protocol error: {parser.error}", received_at)
             if entries:
                 self._store(link, entries)
                 if len(data) < COALESCE_BELOW and not draining:
