@@ -142,6 +142,7 @@ class _Slot:
     """Delivery state of one (instance, event) pair. Touched only on the loop thread."""
 
     __slots__ = (
+        "client_closes",
         "connections",
         "delivered",
         "dropped",
@@ -171,6 +172,7 @@ class _Slot:
         self.dropped = 0
         self.lag_skipped = 0  # frames a rate generator skipped because it fell > 1 s behind
         self.reset_lost = 0  # frames un-counted from delivered because an RST destroyed them
+        self.client_closes: dict[str, int] = {}  # close frames received from clients, by code
         self.lost_indices: set[int] = set()  # positions in ``frames`` destroyed by an RST
         self.connections = 0
         self.rejected = 0
@@ -209,6 +211,7 @@ class _Conn(asyncio.Protocol):
         # slot.frames or -1). Trimmed to the last _TRACK_BYTES of the stream.
         self.batches: deque[tuple[int, _Slot, list[int], int]] = deque()
         self.closed = asyncio.Event()
+        self.client_close: int | None = None  # the code of the client's close frame, if any
 
     # -- asyncio callbacks
 
@@ -411,6 +414,11 @@ class _Conn(asyncio.Protocol):
             self.write(encode_frame(payload, 10))
 
     def _close_received(self, payload: bytes) -> None:
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+        self.client_close = code
+        if self.slot is not None:
+            closes = self.slot.client_closes
+            closes[str(code)] = closes.get(str(code), 0) + 1
         self.buf.clear()
         if self.state is ConnState.OPEN and not self.mid_frame and not self.stalled:
             # ws echoes the peer's code and reason (an empty close gets an empty close).
@@ -1038,6 +1046,7 @@ class Simulator:
                 "rate": self._slot_rate(slot),
                 "lag_skipped": slot.lag_skipped,
                 "reset_lost": slot.reset_lost,
+                "client_closes": dict(slot.client_closes),
                 "injected": dict(slot.injected),
             }
             for kind, n in slot.injected.items():
@@ -1052,6 +1061,7 @@ class Simulator:
                 "holder": c.slot.holder is c,
                 "blackholed": c.blackholed,
                 "stalled": c.stalled,
+                "client_close": c.client_close,
             }
             for c in self._conns.values()
             if c.slot is not None
@@ -1316,6 +1326,49 @@ class Simulator:
         for slot in self._target_slot(instance, event):
             done += await self._write_injected(slot, "stall_mid_frame", frame, stall=True)
         return {"frames": done}
+
+    def protocol_error(
+        self, instance: str, event: str, kind: str = "rsv1", before: int = 3
+    ) -> int:
+        """Write ``before`` counted frames and then a frame breaking RFC 6455, in one write.
+
+        ``kind``: ``rsv1`` (a text frame with RSV1 set, no extension negotiated),
+        ``long_close`` (a close frame with a 130-byte payload: its reason is over 123 bytes),
+        ``huge_length`` (a header announcing 2**62 bytes, followed by three more valid-looking
+        frames that are part of "its payload", neither counted nor recorded). A client must keep
+        the ``before`` frames and fail the connection. Returns the frames delivered (0 when the
+        slot has no open holder).
+        """
+        return int(self._run(self._a_protocol_error(instance, event, kind, before))["delivered"])
+
+    async def _a_protocol_error(
+        self, instance: str, event: str, kind: str = "rsv1", before: int = 3
+    ) -> dict[str, int]:
+        if kind == "rsv1":
+            bad = bytes([0xC1, 2]) + b"{}"
+        elif kind == "long_close":
+            bad = bytes([0x88, 126]) + (130).to_bytes(2, "big") + b"\x03\xe8" + b"r" * 128
+        elif kind == "huge_length":
+            tail = b"".join(encode_frame(b'{"swallowed":%d}' % n) for n in range(3))
+            bad = bytes([0x81, 127]) + (1 << 62).to_bytes(8, "big") + tail
+        else:
+            raise ValueError(f"unknown protocol error {kind!r}")
+        slot = self._slot(instance, event)
+        async with slot.lock:
+            conn = slot.holder
+            if conn is None or not conn.writable:
+                return {"delivered": 0}
+            bodies = [slot.factory(slot.seq + 1 + n) for n in range(before)]
+            conn.write(b"".join(encode_frame(body) for body in bodies) + bad)
+            slot.seq += before
+            slot.delivered += before
+            conn.delivered += before
+            if slot.frames is not None:
+                slot.frames.extend(bodies)
+            slot.injected[f"protocol_{kind}"] = slot.injected.get(f"protocol_{kind}", 0) + 1
+            conn.stalled = True  # nothing more on a connection the client must fail
+            await conn.drain()
+        return {"delivered": before}
 
     def _inject(self, kind: str, instance: str | None, event: str | None, count: int = 1) -> int:
         return int(self._run(self._a_inject(kind, instance, event, count))["frames"])
