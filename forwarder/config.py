@@ -183,6 +183,19 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True)
+class IOConfig:
+    """How the subscriptions are run: I/O loops, the handshake pool and its rate limit."""
+
+    loops: int = 0  # selector threads; 0: one per CPU core, at most 4
+    handshake_threads: int = 32  # concurrent handshakes (a slow upstream holds one each)
+    # Connection attempts per second across all subscriptions, with a burst: the upstream sees
+    # at most connect_burst + connect_rate attempts in any second. 10,010 subscriptions
+    # connect in about 22 s.
+    connect_rate: float = 450.0
+    connect_burst: int = 50
+
+
+@dataclass(frozen=True)
 class Subscription:
     """One (source, event) pair and the stream its frames go to."""
 
@@ -202,6 +215,7 @@ class Config:
     redis: RedisConfig = field(default_factory=RedisConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    io: IOConfig = field(default_factory=IOConfig)
     shutdown_timeout: float = 10.0
     log_level: str = "INFO"
     path: Path | None = None
@@ -242,6 +256,7 @@ class Config:
                 "fsync_interval": self.spool.fsync_interval,
                 "memory_bytes": self.spool.memory_bytes,
             },
+            "io": {f.name: getattr(self.io, f.name) for f in fields(self.io)},
             "sources": [
                 {
                     "name": s.name,
@@ -335,6 +350,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
     redis_cfg = _parse_redis(reader.table("redis"))
     metrics_cfg = _parse_metrics(reader.table("metrics"))
     spool_cfg = _parse_spool(reader.table("spool"), environ)
+    io_cfg = _parse_io(reader.table("io"))
     sources = [_parse_source(t, environ) for t in reader.tables("sources")]
     shutdown_timeout = reader.number("shutdown_timeout", 10.0, minimum=0.1)
     log_level = reader.string("log_level", "INFO").upper()
@@ -372,6 +388,7 @@ def load_config(path: str | os.PathLike[str] | None, environ: Mapping[str, str])
         redis=redis_cfg,
         metrics=metrics_cfg,
         spool=spool_cfg,
+        io=io_cfg,
         shutdown_timeout=shutdown_timeout,
         log_level=log_level,
         path=file_path,
@@ -408,6 +425,27 @@ def _parse_spool(t: _Table, environ: Mapping[str, str]) -> SpoolConfig:
         memory_bytes=t.integer("memory_bytes", default.memory_bytes, minimum=1024 * 1024)
         or default.memory_bytes,
     )
+    t.finish()
+    return cfg
+
+
+def _parse_io(t: _Table) -> IOConfig:
+    default = IOConfig()
+    loops = t.integer("loops", default.loops, minimum=0)
+    threads = t.integer("handshake_threads", default.handshake_threads, minimum=1)
+    cfg = IOConfig(
+        loops=default.loops if loops is None else loops,
+        handshake_threads=threads or default.handshake_threads,
+        connect_rate=t.number("connect_rate", default.connect_rate, minimum=0.1),
+        connect_burst=t.integer("connect_burst", default.connect_burst, minimum=1)
+        or default.connect_burst,
+    )
+    for key, value, most in (
+        ("loops", cfg.loops, 64),
+        ("handshake_threads", cfg.handshake_threads, 1024),
+    ):
+        if value > most:
+            raise ConfigError(f"{t.key(key)}: at most {most}")
     t.finish()
     return cfg
 

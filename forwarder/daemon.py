@@ -1,10 +1,17 @@
 """The daemon: builds the threads from a Config, runs them, and shuts them down in order.
 
 Threads and their owner (this object):
-    sub:SOURCE/EVENT  one per subscription (subscriber.Subscriber)
-    redis-writer      drains the spool into Redis (sink.RedisWriter)
-    http              /metrics /healthz /readyz /status (http.HttpServer)
-The main thread only waits on `stop_event` and watches the others.
+    io-N, handshake-N  the I/O loops and the handshake pool under every subscription
+                       (engine.Engine; the subscriptions' rules are subscription.py)
+    spool-fsync        fsyncs the spool (spool.DiskSpool)
+    redis-writer       drains the spool into Redis (sink.RedisWriter)
+    http               /metrics /healthz /readyz /status (http.HttpServer)
+The main thread only waits on `stop_event`, applies reloads and watches the others.
+
+Which subscriptions run is decided in one place, `_apply(wanted)`: start what is missing, stop
+what is gone or changed, keep what is unchanged. Start-up and SIGHUP reload feed it today;
+discovery polls and fleet leases can feed it the same way. Lists that other threads read
+(`stats`, the running set) are replaced whole (copy-on-write), never changed in place.
 """
 
 from __future__ import annotations
@@ -15,25 +22,30 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from types import FrameType
-from typing import Any
+from typing import Any, overload
 
 import redis
 
 from forwarder import __version__
-from forwarder.backoff import AttemptLimiter, ReconnectBackoff
+from forwarder.backoff import ReconnectBackoff
 from forwarder.config import Config, Subscription, redact_url
+from forwarder.engine import Engine
 from forwarder.errors import ConfigError, ExitCode
+from forwarder.handshake import Connector, websocket_connect
 from forwarder.http import HttpServer
+from forwarder.lastseen import SAVE_INTERVAL, LastSeen, Marks
+from forwarder.limits import fds_needed, raise_fd_limit
+from forwarder.link import CLOSE_ECHO_TIMEOUT
 from forwarder.logs import redact
 from forwarder.metrics import ForwarderCollector, build_registry
 from forwarder.notify import Notifier, format_status
 from forwarder.sink import IDLE_PING_SECONDS, RedisWriter, make_client
 from forwarder.spool import DiskSpool, Route
 from forwarder.stats import State, SubscriptionStats, WriterStats
-from forwarder.subscriber import CLOSE_ECHO_TIMEOUT, Connector, Subscriber, websocket_connect
+from forwarder.subscription import SubscriptionRules
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +54,6 @@ HANDLED_SIGNALS = (
     signal.SIGTERM,  # systemctl stop, docker stop, kill
 )
 RELOAD_SIGNAL = signal.SIGHUP  # systemctl reload (ExecReload=kill -HUP)
-# Connection attempts per second across all subscriptions: 1,000 subscriptions dropped at once
-# come back within ~10 s without a spike at the upstream.
-CONNECT_RATE = 100.0
-CONNECT_BURST = 20
 # Redis must have answered within this many seconds for /readyz.
 REDIS_READY_AGE = 3 * IDLE_PING_SECONDS
 # The writer loop turns at least every IDLE_PING_SECONDS (and every second while retrying);
@@ -75,6 +83,8 @@ class Forwarder:
         self.notifier = notifier if notifier is not None else Notifier(None)
         self._watchdog_every = watchdog_every  # seconds between WATCHDOG=1, None: off
         subscriptions = config.subscriptions()
+        # Before anything opens a file: enough descriptors for every socket, or exit 2.
+        self.fd_limit = raise_fd_limit(fds_needed(len(subscriptions), config.io.handshake_threads))
         self.writer_stats = WriterStats()
         # The spool first: it may hold frames of an earlier run (even of subscriptions no
         # longer configured); those get stats too, so /metrics shows them draining.
@@ -86,10 +96,15 @@ class Forwarder:
             fsync_interval=config.spool.fsync_interval,
             cache_bytes=config.spool.memory_bytes,
         )
-        self.stats = [
+        # Indexed like the spool's routes. Read by the writer, /metrics and /status on other
+        # threads: replaced by a longer copy when routes are added, never grown in place.
+        self.stats: list[SubscriptionStats] = [
             SubscriptionStats(r.source, r.event, r.stream, configured=i < len(routes))
             for i, r in enumerate(self.spool.routes)
         ]
+        self.lastseen = LastSeen(config.spool.dir)
+        self._resume: Marks = self.lastseen.load()  # the previous run's marks, used once
+        self._lastseen_at = 0.0
         self.client = client if client is not None else make_client(config.redis)
         self.stop_event = threading.Event()
         self._signalled = False
@@ -97,10 +112,12 @@ class Forwarder:
         self._stopping = False
         self._writer_progress = -1  # last seen RedisWriter.progress, and when it changed
         self._writer_progress_at = time.monotonic()
-        self._limiter = AttemptLimiter(CONNECT_RATE, CONNECT_BURST)
-        self.subscribers = [self._subscriber(i, sub) for i, sub in enumerate(subscriptions)]
+        self.engine = Engine(config.io, self.spool, connect)
+        # What runs, by (source, event): replaced whole by _apply (main thread), read anywhere.
+        self._running: dict[tuple[str, str], SubscriptionRules] = {}
+        self._initial = {sub.key: sub for sub in subscriptions}
         self.writer = RedisWriter(
-            self.client, self.spool, self.stats, self.writer_stats, config.redis, rand
+            self.client, self.spool, _StatsView(self), self.writer_stats, config.redis, rand
         )
         collector = ForwarderCollector(lambda: self.stats, self.writer_stats, self.spool)
         self.registry = build_registry(collector)
@@ -112,6 +129,11 @@ class Forwarder:
             self.ready,
             self.status,
         )
+
+    @property
+    def subscribers(self) -> tuple[SubscriptionRules, ...]:
+        """The running subscriptions' rules, in configuration order (read-only outside)."""
+        return tuple(self._running.values())
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -131,6 +153,9 @@ class Forwarder:
                     self._reload_requested = False
                     self.reload()
                 self._watch()
+                if time.monotonic() - self._lastseen_at >= SAVE_INTERVAL:
+                    self._lastseen_at = time.monotonic()
+                    self.lastseen.save(self.stats, time.time())
                 line = self._status_line()
                 if line != status:
                     status = line
@@ -158,17 +183,6 @@ class Forwarder:
     def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
         self._reload_requested = True  # the main loop reloads within a second
 
-    def _subscriber(self, index: int, sub: Subscription) -> Subscriber:
-        return Subscriber(
-            index,
-            sub,
-            self.stats[index],
-            self.spool,
-            self._limiter,
-            ReconnectBackoff(sub.source.backoff, self._rand),
-            self._connect,
-        )
-
     def reload(self) -> bool:
         """Apply the configuration file again (SIGHUP). Main thread only.
 
@@ -189,58 +203,80 @@ class Forwarder:
             self.notifier.ready()
             return False
         old = self.config
-        for name in ("redis", "metrics", "spool"):
+        for name in ("redis", "metrics", "spool", "io"):
             if getattr(old, name) != getattr(new, name):
                 log.warning("reload: [%s] changed; that takes effect after a restart", name)
         logging.getLogger().setLevel(new.log_level)
-        running = {s.subscription.key: s for s in self.subscribers}
         wanted = {sub.key: sub for sub in new.subscriptions()}
-        leaving = [s for key, s in running.items() if not _same(wanted.get(key), s.subscription)]
-        kept = [s for key, s in running.items() if _same(wanted.get(key), s.subscription)]
-        # Stop what leaves (or changes) first, politely, so the upstream slots are free.
-        for subscriber in leaving:
-            subscriber.stop()
-        grace = time.monotonic() + CLOSE_ECHO_TIMEOUT
-        for subscriber in leaving:
-            subscriber.join(max(0.0, grace - time.monotonic()))
-            subscriber.force_stop()
-            subscriber.join(1.0)
-            self.stats[subscriber.index].configured = False
-        started = []
-        for key, sub in wanted.items():
-            if key in running and _same(sub, running[key].subscription):
-                continue
-            route = _route(sub)
-            index = self.spool.add_route(route)
-            while len(self.stats) <= index:  # stats are indexed like the spool's routes
-                self.stats.append(SubscriptionStats(route.source, route.event, route.stream))
-            self.stats[index].configured = True
-            subscriber = self._subscriber(index, sub)
-            subscriber.start()
-            started.append(subscriber)
-        self.subscribers = kept + started
-        self.config = replace(new, redis=old.redis, metrics=old.metrics, spool=old.spool)
+        try:
+            raise_fd_limit(fds_needed(len(wanted), old.io.handshake_threads))
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            self.notifier.ready()
+            return False
+        kept, started, stopped = self._apply(wanted)
+        self.config = replace(new, redis=old.redis, metrics=old.metrics, spool=old.spool, io=old.io)
         log.info(
             "reloaded %s: %d subscriptions kept, %d started, %d stopped",
             new.path or "the configuration",
-            len(kept),
-            len(started),
-            len(leaving),
+            kept,
+            started,
+            stopped,
         )
         self.notifier.ready()
         return True
+
+    def _apply(self, wanted: dict[tuple[str, str], Subscription]) -> tuple[int, int, int]:
+        """Make the running subscriptions those of `wanted`; return (kept, started, stopped).
+
+        Unchanged ones keep their connections; removed and changed ones are stopped first,
+        politely (close frames, their echoes, CLOSE_ECHO_TIMEOUT at most), so their upstream
+        slots are free before a changed one reconnects. Main thread only.
+        """
+        running = self._running
+        kept = {k: r for k, r in running.items() if _same(wanted.get(k), r.subscription)}
+        leaving = [r for k, r in running.items() if k not in kept]
+        self.engine.stop(leaving, time.monotonic() + CLOSE_ECHO_TIMEOUT)
+        stats = list(self.stats)
+        for rules in leaving:
+            stats[rules.index].configured = False
+        added: list[tuple[tuple[str, str], int, Subscription]] = []
+        for key, sub in wanted.items():
+            if key in kept:
+                continue
+            route = _route(sub)
+            index = self.spool.add_route(route)
+            while len(stats) <= index:  # stats are indexed like the spool's routes
+                stats.append(SubscriptionStats(route.source, route.event, route.stream))
+            stats[index].configured = True
+            added.append((key, index, sub))
+        self.stats = stats  # published before any subscription can spool under a new index
+        resume, self._resume = self._resume, {}
+        started = {
+            key: self.engine.add(
+                index,
+                sub,
+                stats[index],
+                ReconnectBackoff(sub.source.backoff, self._rand),
+                resume.get(key),
+            )
+            for key, index, sub in added
+        }
+        # Configuration order, kept ones where they were.
+        self._running = {k: kept.get(k) or started[k] for k in wanted}
+        return len(kept), len(started), len(leaving)
 
     def start(self) -> None:
         """Bind the HTTP port and start every thread; returns at once."""
         self.http.start()
         self.spool.start()
         self.writer.start()
-        for subscriber in self.subscribers:
-            subscriber.start()
+        self.engine.start()
+        self._apply(self._initial)
         log.info(
             "forwarder %s started: %d subscriptions from %d sources to %s; metrics on http://%s:%d",
             __version__,
-            len(self.subscribers),
+            len(self._running),
             len(self.config.sources),
             redact_url(self.config.redis.url),
             self.config.metrics.host,
@@ -252,18 +288,13 @@ class Forwarder:
         self._stopping = True
         deadline = time.monotonic() + self.config.shutdown_timeout
         log.info("shutting down: %d frames waiting for Redis", self.spool.pending()[0])
-        # 1. Subscriptions: send close frames and keep reading until the server echoes them,
-        #    so frames already in flight are still spooled.
-        for subscriber in self.subscribers:
-            subscriber.stop()
-        grace = min(time.monotonic() + CLOSE_ECHO_TIMEOUT, deadline)
-        for subscriber in self.subscribers:
-            subscriber.join(max(0.0, grace - time.monotonic()))
-        # 2. Whatever did not answer in time: cut the socket; nothing more is received.
-        for subscriber in self.subscribers:
-            subscriber.force_stop()
-        for subscriber in self.subscribers:
-            subscriber.join(max(0.1, min(1.0, deadline - time.monotonic())))
+        # 1. Subscriptions: no new connections; close frames on every connection, read until
+        #    the server echoes them (CLOSE_ECHO_TIMEOUT), so frames in flight are still
+        #    spooled; then cut what did not answer.
+        self.engine.shutdown(deadline)
+        # 2. Where each subscription stopped receiving, for the next start's restart gaps
+        #    (every gap is closed by now).
+        self.lastseen.save(self.stats, time.time())
         # 3. Writer: write everything spooled; keep 0.5 s for the last steps. What Redis
         #    does not take in time stays in the spool for the next start.
         self.writer.stop(deadline - 0.5)
@@ -293,10 +324,10 @@ class Forwarder:
         )
 
     def _progressing(self, now: float) -> bool:
-        """Evidence for WATCHDOG=1: no thread died, subscribers run, the writer loop turns."""
+        """Evidence for WATCHDOG=1: no thread died, the loops run, the writer loop turns."""
         if self._failed_threads() or not self.writer.is_alive():
             return False
-        if not all(s.is_alive() for s in self.subscribers):
+        if self.engine.dead():
             return False
         progress = self.writer.progress
         if progress != self._writer_progress:
@@ -311,7 +342,8 @@ class Forwarder:
             self.stop_event.set()
 
     def _failed_threads(self) -> list[str]:
-        failed = [s.name for s in self.subscribers if s.failed is not None]
+        failed = [r.name for r in self._running.values() if r.failed is not None]
+        failed += self.engine.failures()
         if self.writer.failed is not None:
             failed.append("redis-writer")
         return failed
@@ -322,7 +354,7 @@ class Forwarder:
         """Healthy while every thread that should run is running."""
         dead = self._failed_threads()
         if not self._stopping:
-            dead += [s.name for s in self.subscribers if not s.is_alive()]
+            dead += self.engine.dead()
             if not self.writer.is_alive():
                 dead.append("redis-writer")
         return not dead, {"healthy": not dead, "dead_threads": sorted(set(dead))}
@@ -342,7 +374,7 @@ class Forwarder:
             and self.writer_stats.config_error is None
         )
         connected = sum(1 for s in self.stats if s.state is State.CONNECTED)
-        total = len(self.subscribers)
+        total = len(self._running)
         enough = connected >= self.config.metrics.ready_min_connected * total
         ok = redis_ok and enough and not self._stopping
         return ok, {
@@ -357,6 +389,7 @@ class Forwarder:
     def status(self) -> dict[str, Any]:
         now = time.time()
         mono = time.monotonic()
+        stats = self.stats  # one snapshot: the spool's routes are never fewer than these
         pending, nbytes = self.spool.pending()
         pending_by_route = list(self.spool.pending_by_route)
         last_ok = self.writer_stats.last_ok_at
@@ -381,8 +414,11 @@ class Forwarder:
                 "corrupt_records": self.spool.stats.corrupt_records,
             },
             "subscriptions": [
-                {**self._subscription_status(s, now), "spool_pending": pending_by_route[i]}
-                for i, s in enumerate(self.stats)
+                {
+                    **self._subscription_status(s, now),
+                    "spool_pending": pending_by_route[i] if i < len(pending_by_route) else 0,
+                }
+                for i, s in enumerate(stats)
             ],
         }
 
@@ -438,3 +474,24 @@ def _same(new: Subscription | None, old: Subscription) -> bool:
 def _route(sub: Subscription) -> Route:
     """Where the spool sends a subscription's entries."""
     return Route(sub.source.name, sub.event, sub.stream, sub.dead_letter_stream)
+
+
+class _StatsView(Sequence[SubscriptionStats]):
+    """The writer's view of `Forwarder.stats`: always the current list, however often a
+    reload replaces it (the writer keeps this object, not a list)."""
+
+    def __init__(self, owner: Forwarder) -> None:
+        self._owner = owner
+
+    @overload
+    def __getitem__(self, index: int) -> SubscriptionStats: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[SubscriptionStats]: ...
+    def __getitem__(self, index: int | slice) -> SubscriptionStats | Sequence[SubscriptionStats]:
+        return self._owner.stats[index]
+
+    def __len__(self) -> int:
+        return len(self._owner.stats)
+
+    def __iter__(self) -> Iterator[SubscriptionStats]:
+        return iter(self._owner.stats)

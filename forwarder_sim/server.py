@@ -1327,9 +1327,7 @@ class Simulator:
             done += await self._write_injected(slot, "stall_mid_frame", frame, stall=True)
         return {"frames": done}
 
-    def protocol_error(
-        self, instance: str, event: str, kind: str = "rsv1", before: int = 3
-    ) -> int:
+    def protocol_error(self, instance: str, event: str, kind: str = "rsv1", before: int = 3) -> int:
         """Write ``before`` counted frames and then a frame breaking RFC 6455, in one write.
 
         ``kind``: ``rsv1`` (a text frame with RSV1 set, no extension negotiated),

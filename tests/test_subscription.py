@@ -795,7 +795,7 @@ def test_arbitrary_bytes_from_the_server_never_raise(data: bytes, cut: int) -> N
     }
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.lists(
         st.one_of(
