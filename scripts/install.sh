@@ -51,7 +51,7 @@ command -v "$PYTHON" >/dev/null 2>&1 || die "$PYTHON not found (set PYTHON=/path
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/forwarder-install.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 trap 'exit 130' INT TERM # leave through the EXIT trap instead of carrying on
-cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/forwarder" "$WORK/"
+cp -R "$SRC/pyproject.toml" "$SRC/README.md" "$SRC/forwarder" "$SRC/forwarder_sim" "$WORK/"
 find "$WORK" -name __pycache__ -prune -exec rm -rf {} +
 
 echo "installing forwarder into $VENV"
