@@ -54,6 +54,7 @@ HANDLED_SIGNALS = (
     signal.SIGTERM,  # systemctl stop, docker stop, kill
 )
 RELOAD_SIGNAL = signal.SIGHUP  # systemctl reload (ExecReload=kill -HUP)
+STATUS_INTERVAL = 2.0  # seconds between two STATUS= lines for systemd (if changed)
 # Redis must have answered within this many seconds for /readyz.
 REDIS_READY_AGE = 3 * IDLE_PING_SECONDS
 # The writer loop turns at least every IDLE_PING_SECONDS (and every second while retrying);
@@ -104,7 +105,9 @@ class Forwarder:
         ]
         self.lastseen = LastSeen(config.spool.dir)
         self._resume: Marks = self.lastseen.load()  # the previous run's marks, used once
-        self._lastseen_at = 0.0
+        self._lastseen_at = -SAVE_INTERVAL  # monotonic times of the last saved marks ...
+        self._status_at = -STATUS_INTERVAL  # ... and of the last STATUS= line built
+        self._status_sent = ""  # the last STATUS= line sent to systemd
         self.client = client if client is not None else make_client(config.redis)
         self.stop_event = threading.Event()
         self._signalled = False
@@ -146,20 +149,13 @@ class Forwarder:
             # Ready once configuration, spool and metrics are up: not gated on the upstream,
             # or an upstream outage would become a start-up timeout and a restart loop.
             self.notifier.ready()
-            status = ""
             watchdog_at = 0.0
             while not self.stop_event.wait(1.0):
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload()
                 self._watch()
-                if time.monotonic() - self._lastseen_at >= SAVE_INTERVAL:
-                    self._lastseen_at = time.monotonic()
-                    self.lastseen.save(self.stats, time.time())
-                line = self._status_line()
-                if line != status:
-                    status = line
-                    self.notifier.status(line)
+                self._periodic(time.monotonic())
                 now = time.monotonic()
                 every = self._watchdog_every
                 if every is not None and now - watchdog_at >= every and self._progressing(now):
@@ -316,6 +312,19 @@ class Forwarder:
             )
         log.info("stopped")
         return ExitCode.FAILURE if failed else ExitCode.OK
+
+    def _periodic(self, now: float) -> None:
+        """Every few seconds, not every turn (each walks every subscription's stats): the
+        marks for the next start's restart gaps, and systemd's STATUS= line if it changed."""
+        if now - self._lastseen_at >= SAVE_INTERVAL:
+            self._lastseen_at = now
+            self.lastseen.save(self.stats, time.time())
+        if now - self._status_at >= STATUS_INTERVAL:
+            self._status_at = now
+            line = self._status_line()
+            if line != self._status_sent:
+                self._status_sent = line
+                self.notifier.status(line)
 
     def _status_line(self) -> str:
         _, info = self.ready()

@@ -81,10 +81,6 @@ class DisplacementWatch:
         self._flap_level = 0
         self._quiet_resubscribes = 0  # consecutive silence re-subscribes that found nothing
 
-    def heard(self) -> None:
-        """Data frames arrived: the next quiet re-subscribe is logged at INFO again."""
-        self._quiet_resubscribes = 0
-
     def forget(self) -> None:
         """The probed connection is gone (stop, drop): no verdict."""
         self._probe = None
@@ -140,7 +136,8 @@ class DisplacementWatch:
         )
 
     def frames(self, link_id: int, count: int, received: float, now: float, wall: float) -> None:
-        """`count` data frames arrived on `link_id` at `received` (monotonic)."""
+        """`count` data frames arrived on `link_id` at `received` (monotonic). Per read."""
+        self._quiet_resubscribes = 0  # the next quiet re-subscribe is logged at INFO again
         probe = self._probe
         if probe is None or probe.link_id != link_id:
             return

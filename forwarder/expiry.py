@@ -2,7 +2,8 @@
 
 The upstream checks a token's expiry only at the upgrade: an open connection survives it, the
 next reconnect gets HTTP 401. So forwarder reads the claim (without verifying the token: it
-does not know the secret) at every connection and every TOKEN_CHECK_INTERVAL while connected,
+does not know the secret) at every connection and every TOKEN_CHECK_INTERVAL (5 min) while
+connected,
 exports it, and warns `token_expiry_warning` ahead and once it has passed: one WARNING per
 source and stage, however many of its subscriptions (and loops) read the token.
 """
@@ -22,7 +23,9 @@ from forwarder.stats import SubscriptionStats
 
 log = logging.getLogger(__name__)
 
-TOKEN_CHECK_INTERVAL = 60.0  # re-read the token's exp claim this often while connected
+# Re-read the token's exp claim this often while connected (each subscription of a source
+# does; their reads share a cache): warnings come at most this much late.
+TOKEN_CHECK_INTERVAL = 300.0
 
 _lock = threading.Lock()
 _warned: dict[tuple[str, str], tuple[float, str]] = {}  # (source, token origin) -> (exp, stage)

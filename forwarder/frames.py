@@ -97,51 +97,53 @@ class FrameParser:
 
         Never raises. On a framing error the messages completed before it are still returned
         and `error` is set; the connection is then unusable and later calls return nothing.
+        The hot path (one call per read): kept to this method and `_parse_frames`.
         """
         out: list[Message] = []
         if self.error is not None:
             return out
         try:
-            self._feed(data, out)
+            while True:
+                if self._skip_left:
+                    data = self._skip(data, out)
+                    if not data:
+                        return out
+                chunks = self._chunks
+                if chunks:
+                    chunks.append(data)
+                    self._buffered += len(data)
+                    if self._buffered < self._need:
+                        return out
+                    work = b"".join(chunks)
+                    chunks.clear()
+                else:
+                    if len(data) < self._need:
+                        chunks.append(data)
+                        self._buffered = len(data)
+                        return out
+                    work = data
+                before = len(out)
+                pos = self._parse_frames(work, out)
+                # Every complete frame but a continuation yields one message, and
+                # continuations are rare: count messages here, continuation frames where
+                # they end.
+                self.frames += len(out) - before
+                rest = work[pos:] if pos < len(work) else b""
+                if self._skip_left and rest:
+                    rest = self._skip(rest, out)
+                    if rest:  # the skipped frame ended inside this chunk: parse what follows
+                        self._buffered = 0
+                        data = rest
+                        continue
+                if rest:
+                    chunks.append(rest)
+                self._buffered = len(rest)
+                return out
         except ProtocolViolation as exc:
             self.error = exc
             self._chunks.clear()
             self._buffered = 0
         return out
-
-    def _feed(self, data: bytes, out: list[Message]) -> None:
-        while True:
-            if self._skip_left:
-                data = self._skip(data, out)
-                if not data:
-                    return
-            self._chunks.append(data)
-            self._buffered += len(data)
-            if self._buffered < self._need:
-                return
-            work = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-            self._chunks.clear()
-            pos = self._parse(work, out)
-            rest = work[pos:] if pos < len(work) else b""
-            if self._skip_left and rest:
-                rest = self._skip(rest, out)
-                if rest:  # the skipped frame ended inside this chunk: parse what follows
-                    self._buffered = 0
-                    data = rest
-                    continue
-            if rest:
-                self._chunks.append(rest)
-            self._buffered = len(rest)
-            return
-
-    def _parse(self, buf: bytes, out: list[Message]) -> int:
-        before = len(out)
-        try:
-            return self._parse_frames(buf, out)
-        finally:
-            # Every complete frame but a continuation yields one message, and continuations
-            # are rare: count messages cheaply here, continuation frames where they end.
-            self.frames += len(out) - before
 
     def _parse_frames(self, buf: bytes, out: list[Message]) -> int:
         pos = 0
@@ -150,19 +152,19 @@ class FrameParser:
         limit = self._max
         while True:
             # Fast path for what the upstream sends: a complete, unfragmented, unmasked
-            # text (or binary) frame with a 7- or 16-bit length. Everything else, including
-            # every error, takes the general path below.
-            if n - pos >= 4 and self._frag_opcode is None and self._skip_msg is None:
+            # text (or binary) frame with a 7- or 16-bit length, and the pongs answering our
+            # pings. Everything else, including every error, takes the general path below.
+            if n - pos >= 2 and self._frag_opcode is None and self._skip_msg is None:
                 b0 = buf[pos]
-                if b0 in (0x81, 0x82):  # FIN + text, FIN + binary
+                if b0 in (0x81, 0x82, 0x8A):  # FIN + text, binary, pong
                     b1 = buf[pos + 1]
-                    if b1 < 126:
+                    if b1 < 126:  # a pong is never longer (control frames: <= 125 bytes)
                         end = pos + 2 + b1
                         if end <= n and b1 <= limit:
                             append((b0 & 0x0F, buf[pos + 2 : end]))
                             pos = end
                             continue
-                    elif b1 == 126:
+                    elif b1 == 126 and b0 != 0x8A and n - pos >= 4:
                         length = (buf[pos + 2] << 8) | buf[pos + 3]
                         end = pos + 4 + length
                         if end <= n and length <= limit:

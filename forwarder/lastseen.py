@@ -55,10 +55,10 @@ class LastSeen:
         try:
             data = orjson.loads(self._path.read_bytes())
             rows = data["subscriptions"] if data.get("version") == _VERSION else []
-            return {(str(r["source"]), str(r["event"])): float(r["until"]) / 1000 for r in rows}
+            return {(str(r[0]), str(r[1])): float(r[2]) / 1000 for r in rows}
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (OSError, ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
             log.warning(
                 "%s is unreadable (%s): the time forwarder was not running is not recorded as "
                 "a gap this once",
@@ -69,11 +69,8 @@ class LastSeen:
 
     def save(self, stats: Iterable[SubscriptionStats], now: float) -> None:
         """Write the marks of the configured subscriptions (atomically: temp file, rename)."""
-        rows = [
-            {"source": s.source, "event": s.event, "until": int(heard_until(s, now) * 1000)}
-            for s in stats
-            if s.configured
-        ]
+        # [source, event, until ms]: lists, not dicts, keep a 10,000-row save cheap.
+        rows = [[s.source, s.event, int(heard_until(s, now) * 1000)] for s in stats if s.configured]
         tmp = self._path.with_suffix(".tmp")
         try:
             tmp.write_bytes(orjson.dumps({"version": _VERSION, "subscriptions": rows}))

@@ -48,6 +48,8 @@ BACKLOG_WAIT = 0.05  # at most this long a loop waits for a lagging (healthy) wr
 DROP_LOG_INTERVAL = 10.0  # seconds between two ERROR lines about refused frames
 MAX_SELECT = 1.0  # the loop wakes at least this often (a safety net, not a timer)
 MIN_TICK = 0.01  # a deadline that is already past is retried no sooner than this
+RESCHEDULE_SLACK = 1.0  # seconds a deadline may move later before its heap entry is replaced
+TIMER_SLACK = 0.02  # seconds a timer may fire late, so that timers due together share a turn
 EOF = "the server closed the TCP connection without a close frame"
 
 
@@ -70,12 +72,14 @@ class Countdown:
 
 
 class _Sub:
-    __slots__ = ("done", "rules", "scheduled")
+    __slots__ = ("done", "jobs", "links", "rules", "scheduled")
 
     def __init__(self, rules: SubscriptionRules) -> None:
         self.rules = rules
         self.scheduled = math.inf  # the earliest deadline in the heap for it
         self.done: Countdown | None = None  # told when the subscription has finished
+        self.links: set[int] = set()  # its sockets in _socks (one, two during a switch)
+        self.jobs: dict[int, HandshakeJob] = {}  # its handshakes in flight, by link id
 
 
 class _Sock:
@@ -189,7 +193,10 @@ class IOLoop:
         if self._inbox or self._again:
             timeout = 0.0
         elif self._heap:
-            timeout = min(MAX_SELECT, max(0.0, self._heap[0][0] - self._clock()))
+            # TIMER_SLACK late at most: the deadlines due meanwhile share the turn (10,000
+            # idle subscriptions ping 500 times a second; one turn each would cost more than
+            # the pings).
+            timeout = min(MAX_SELECT, max(0.0, self._heap[0][0] - self._clock()) + TIMER_SLACK)
         for key, mask in self._selector.select(timeout):
             state = key.data
             if state is None:
@@ -239,7 +246,8 @@ class IOLoop:
             return
         if state.tls and state.link_id in self._socks and sock.pending():  # type: ignore[attr-defined]
             self._again.append(state)
-        self._act(sub)
+        if rules.actions or rules.earlier:  # most reads only carry frames: nothing to do
+            self._act(sub)
 
     def _timers(self) -> None:
         heap = self._heap
@@ -353,11 +361,18 @@ class IOLoop:
             if rules.finished:
                 self._remove(sub)
                 return
+            rules.earlier = False
             due = rules.deadline()
         except Exception as exc:
             self._crashed(sub, exc)
             return
-        if due < sub.scheduled:
+        # The heap keeps one live entry per subscription (`scheduled`; others are stale and
+        # skipped when popped). An earlier deadline is pushed at once; a later one only when
+        # it moved by more than RESCHEDULE_SLACK (a pong moving the next ping 10 s on), so
+        # a busy connection, whose every read moves its deadline a little, costs no push per
+        # read, and an idle one costs one tick per ping instead of two.
+        scheduled = sub.scheduled
+        if due < scheduled or due > scheduled + RESCHEDULE_SLACK:
             now = self._clock()
             if due <= now:  # only after a tick that could not act yet: never a busy loop
                 due = now + MIN_TICK
@@ -367,11 +382,10 @@ class IOLoop:
     def _remove(self, sub: _Sub) -> None:
         if self._subs.pop(sub.rules, None) is None:
             return
-        for state in [s for s in self._socks.values() if s.sub is sub]:
-            self._release(state.link_id)
-        for owner, job in self._waiting.values():
-            if owner is sub:
-                job.cancelled = True  # if still queued; a late socket is closed on arrival
+        for link_id in list(sub.links):
+            self._release(link_id)
+        for job in sub.jobs.values():
+            job.cancelled = True  # if still queued; a late socket is closed on arrival
         if sub.done is not None:
             sub.done.done()
 
@@ -392,10 +406,13 @@ class IOLoop:
 
         job = HandshakeJob(sub.rules.subscription, deliver)
         self._waiting[link_id] = (sub, job)
+        sub.jobs[link_id] = job
         self._handshakes.submit(job)
 
     def _handshake_done(self, link_id: int, result: Handshake) -> None:
         waiting = self._waiting.pop(link_id, None)
+        if waiting is not None:
+            waiting[0].jobs.pop(link_id, None)
         sock = result.sock
         if waiting is None or waiting[0].rules not in self._subs:
             if sock is not None:
@@ -411,6 +428,7 @@ class IOLoop:
         sock.setblocking(False)
         state = _Sock(sock, sub, link_id)
         self._socks[link_id] = state
+        sub.links.add(link_id)
         self._input(sub, rules.handshake_succeeded, link_id, result.token_expires_at)
 
     def _listen(self, link_id: int) -> None:
@@ -459,6 +477,7 @@ class IOLoop:
         state = self._socks.pop(link_id, None)
         if state is None:
             return
+        state.sub.links.discard(link_id)
         if state.events:
             self._selector.unregister(state.sock)
             state.events = 0

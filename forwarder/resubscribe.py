@@ -40,15 +40,18 @@ class MakeBeforeBreak:
 
     def due(self, link: Link) -> tuple[str | None, float]:
         """(what triggers the next re-subscribe of `link`, or None; monotonic time it is due)."""
+        # Called after every input of the subscription: plain arithmetic, no allocations.
         source = self._source
-        candidates: list[tuple[float, str]] = []
-        if source.silence_timeout > 0:
-            candidates.append((link.last_data + source.silence_timeout, "silence"))
-        if source.resubscribe_interval > 0:
-            candidates.append((link.opened + source.resubscribe_interval, "periodic"))
-        if not candidates:
-            return None, math.inf
-        due, reason = min(candidates)
+        silence = source.silence_timeout
+        periodic = source.resubscribe_interval
+        reason: str | None = None
+        due = math.inf
+        if silence > 0:
+            due, reason = link.last_data + silence, "silence"
+        if periodic > 0 and link.opened + periodic < due:
+            due, reason = link.opened + periodic, "periodic"
+        if reason is None:
+            return None, due
         # Not while standing down after flapping, nor before a failed attempt's back-off.
         return reason, max(due, link.retry_at, self._watch.flap_until)
 

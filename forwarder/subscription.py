@@ -87,6 +87,10 @@ class SubscriptionRules:
         self.actions: list[Action] = []
         self.finished = False  # stopped, with no connection left
         self.failed: BaseException | None = None  # set by the loop if an input raised (a bug)
+        # After `received`, whether `deadline()` may have moved earlier (else, with no
+        # actions, the loop need not ask: a read only ever pushes the other deadlines later).
+        # Reset by the loop when it asks.
+        self.earlier = False
         self._source = subscription.source
         self._outbox = outbox
         self._clock = clock
@@ -235,9 +239,12 @@ class SubscriptionRules:
             return
         now = self._clock.monotonic()
         wall = self._clock.wall()
+        started = link.frame_started
         count, nbytes, close = link.receive(
             data, now, wall, self.index, self._outbox.entries, self.actions
         )
+        if started is None and link.frame_started is not None:
+            self.earlier = True  # a read timeout began: the one deadline a read can advance
         if count:
             self._stored(link, count, nbytes, now, wall)
         if close is not None:
@@ -255,7 +262,6 @@ class SubscriptionRules:
         stats.received += count
         stats.received_bytes += nbytes
         stats.last_message_at = wall
-        self._watch.heard()
         self._watch.frames(link.id, count, now, now, wall)
 
     def _close_received(self, link: Link, payload: bytes, wall: float) -> None:
@@ -321,11 +327,13 @@ class SubscriptionRules:
 
     def _idle(self, link: Link) -> bool:
         """Read and open, with no close, switch or handshake under way."""
+        mbb = self._mbb
         return (
             link.listening
-            and not link.closing
+            and link.closing_since is None
             and self._pending is None
-            and not self._mbb.busy
+            and mbb.reason is None
+            and mbb.next is None
             and not self._stopping
         )
 

@@ -726,7 +726,7 @@ def test_token_expiry_is_warned_once_per_source_ahead_and_once_when_past(
         h.accept(exp)
         assert h.stats.token_expires_at == exp
     assert sum("expires at" in r.getMessage() for r in caplog.records) == 1
-    first.advance(660_000)  # the 60 s re-read after exp
+    first.advance(660_000)  # the 5-min re-read at exp
     assert sum("expired at" in r.getMessage() for r in caplog.records) == 1
     link = next(iter(first.listening))
     first.eof(link)
