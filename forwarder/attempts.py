@@ -67,18 +67,40 @@ class Reconnects:
         self._stats.next_attempt_at = self._clock.wall() + delay
         self.retry_at = self._clock.monotonic() + delay
 
-    def reconnected_by_resubscribe(self) -> None:
-        """The connection was lost while a re-subscribe's handshake was under way: that
-        handshake is the reconnect."""
-        self._stats.reconnects += 1
-        self._stats.state = State.CONNECTING
+    def connected(self, wall: float) -> None:
+        """A (re)connection completed its handshake at `wall`."""
+        stats = self._stats
+        stats.last_handshake_status = "101"
+        stats.connected_since = wall
+        stats.state = State.CONNECTED
+        log.info("%s: connected to %s", self._name, self._url)
 
-    def session_ended(self, lasted: float) -> None:
-        """A connection (with its make-before-break successors) lasted `lasted` seconds."""
+    def lost(self, lasted: float, end: LinkEnd | None, replacement: bool) -> None:
+        """The connection (with its make-before-break successors) ended after `lasted` s.
+
+        `end` None: a planned end (stopping). `replacement`: a re-subscribe's handshake is
+        under way and becomes the reconnect; otherwise the reconnect is scheduled."""
+        stats = self._stats
         self._backoff.connection_lasted(lasted)
-
-    def connection_lost(self, lasted: float, end: LinkEnd) -> None:
-        """Schedule the reconnect after an unplanned end."""
+        stats.connected_since = None
+        if end is None:
+            log.info("%s: disconnected (stopping)", self._name)
+            return
+        stats.close_codes[end.label] = stats.close_codes.get(end.label, 0) + 1
+        stats.last_close_code = end.label
+        stats.last_error = end.why
+        if replacement:
+            stats.reconnects += 1
+            stats.state = State.CONNECTING
+            log.info(
+                "%s: connection closed after %.1fs (code %s: %s); the re-subscribe under way "
+                "replaces it",
+                self._name,
+                lasted,
+                end.label,
+                end.why,
+            )
+            return
         delay = self._backoff.after_failure()
         log.info(
             "%s: connection closed after %.1fs (code %s: %s); reconnecting in %.2fs",

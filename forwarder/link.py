@@ -21,7 +21,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from forwarder.actions import Action, Send
+from forwarder.actions import Action, Listen, Release, Send
 from forwarder.config import SourceConfig
 from forwarder.frames import FrameParser, Opcode, client_frame, close_payload, plausible_length
 from forwarder.spool import Entry
@@ -193,3 +193,61 @@ class Link:
         if not (1000 <= code <= 4999) or code in (1005, 1006, 1015):
             code = 1000  # codes that must never be sent on the wire
         return client_frame(_CLOSE, close_payload(code), self._mask())
+
+
+class LinkSet:
+    """The open connections of one subscription (the one being read and, during a
+    make-before-break, the replacement parked until it is drained), and the actions that
+    read, write and release them. `emit` hands an action to the subscription's list."""
+
+    __slots__ = ("_emit", "_mask", "_source", "links")
+
+    def __init__(
+        self, source: SourceConfig, emit: Callable[[Action], None], mask: Callable[[], bytes]
+    ) -> None:
+        self._source = source
+        self._emit = emit
+        self._mask = mask
+        self.links: dict[int, Link] = {}
+
+    def open(self, link_id: int, now: float, wall: float) -> Link:
+        link = Link(link_id, self._source, now, wall, self._mask)
+        self.links[link_id] = link
+        return link
+
+    def listen(self, link: Link) -> None:
+        link.listening = True
+        self._emit(Listen(link.id))
+
+    def close(self, link: Link, code: int, now: float) -> None:
+        """Send our close frame (once); the link then waits for the echo."""
+        frame = link.close(code, now)
+        if frame is not None:
+            self._emit(Send(link.id, frame))
+
+    def release(self, link: Link) -> None:
+        if self.links.pop(link.id, None) is not None:
+            link.listening = False
+            self._emit(Release(link.id))
+
+    def deadline(self) -> float:
+        due = math.inf
+        for link in self.links.values():
+            if link.listening:
+                due = min(due, link.deadline())
+        return due
+
+    def due(self, now: float, wall: float) -> list[tuple[Link, LinkEnd]]:
+        """Ping the links silent for ping_interval; return the ones whose deadline passed."""
+        ended = []
+        for link in list(self.links.values()):
+            if not link.listening:
+                continue
+            end = link.expired(now, wall)
+            if end is not None:
+                ended.append((link, end))
+                continue
+            ping = link.ping(now)
+            if ping is not None:
+                self._emit(Send(link.id, ping))
+        return ended

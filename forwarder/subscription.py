@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable
 from urllib.parse import quote
 
-from forwarder.actions import SYSTEM_CLOCK, Action, Clock, Connect, Listen, Release, Send
+from forwarder.actions import SYSTEM_CLOCK, Action, Clock, Connect, Release
 from forwarder.attempts import HandshakeError, Reconnects
 from forwarder.backoff import ReconnectBackoff
 from forwarder.config import Subscription
@@ -38,7 +38,7 @@ from forwarder.displacement import DisplacementWatch
 from forwarder.expiry import ExpiryWatch
 from forwarder.frames import close_code
 from forwarder.gaps import GapBook, Outbox
-from forwarder.link import Link, LinkEnd, random_mask
+from forwarder.link import Link, LinkEnd, LinkSet, random_mask
 from forwarder.resubscribe import MakeBeforeBreak
 from forwarder.stats import State, SubscriptionStats
 
@@ -96,8 +96,8 @@ class SubscriptionRules:
         self._clock = clock
         self._may_connect = may_connect
         self._resume_from = resume_from
-        self._mask = mask
-        self._links: dict[int, Link] = {}
+        # Not self.actions.append: the loop replaces the list each time it takes the actions.
+        self._links = LinkSet(self._source, lambda a: self.actions.append(a), mask)  # noqa: PLW0108
         self._current: Link | None = None  # the connection being read (drained at a switch)
         self._pending: int | None = None  # link id of the handshake in flight
         self._stopping = False
@@ -107,11 +107,8 @@ class SubscriptionRules:
         self._watch = DisplacementWatch(self.name, self._source, stats, self._gaps)
         self._mbb = MakeBeforeBreak(self._source, stats, self._watch)
         self._expiry = ExpiryWatch(self._source, stats, token_expiry)
-        self._reconnects = Reconnects(self.name, self.redacted_url, stats, backoff, clock)
-
-    @property
-    def redacted_url(self) -> str:
-        return f"{self._source.url}?event={quote(self.subscription.event, safe='')}&token=***"
+        url = f"{self._source.url}?event={quote(subscription.event, safe='')}&token=***"
+        self._reconnects = Reconnects(self.name, url, stats, backoff, clock)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -134,9 +131,9 @@ class SubscriptionRules:
         self._reconnects.cancel()
         self._watch.forget()
         now = self._clock.monotonic()
-        for link in list(self._links.values()):
+        for link in list(self._links.links.values()):
             if link.listening:  # a parked replacement is closed once it is read (_ended)
-                self._close(link, 1001, now)
+                self._links.close(link, 1001, now)
         self._maybe_finish()
 
     def abort(self) -> None:
@@ -144,8 +141,8 @@ class SubscriptionRules:
         self._stopping = True
         self._reconnects.cancel()
         self._current = self._mbb.next = None
-        for link in list(self._links.values()):
-            self._release(link)
+        for link in list(self._links.links.values()):
+            self._links.release(link)
         self._maybe_finish()
 
     def permission_changed(self) -> None:
@@ -157,7 +154,7 @@ class SubscriptionRules:
             if idle and self._reconnects.retry_at is None:
                 self._attempt()
         elif self._current is not None:
-            self._close(self._current, 1000, self._clock.monotonic())
+            self._links.close(self._current, 1000, self._clock.monotonic())
 
     # -- connecting -----------------------------------------------------------------------------
 
@@ -184,28 +181,23 @@ class SubscriptionRules:
         now = self._clock.monotonic()
         wall = self._clock.wall()
         self._expiry.token_used(token_expires_at, now, wall)
-        link = Link(link_id, self._source, now, wall, self._mask)
-        self._links[link_id] = link
+        link = self._links.open(link_id, now, wall)
         old = self._current
         if self._mbb.reason is not None and old is not None:
             # Make-before-break: the upstream sends to the new connection now. Drain the old
             # one (close frame, read until the echo) before reading the new one.
             self._mbb.took_feed(link, old, now)
-            self._close(old, 1000, now)
+            self._links.close(old, 1000, now)
             self._reconnects.accepted()
             return
-        stats = self.stats
         self._gaps.close(wall, recovered=True)
         self._heard_wall = wall
-        stats.last_handshake_status = "101"
-        stats.connected_since = wall
-        stats.state = State.CONNECTED
-        log.info("%s: connected to %s", self.name, self.redacted_url)
+        self._reconnects.connected(wall)
         self._session_started = now
         self._current = link
-        self._listen(link)
-        if self._stopping:
-            self._close(link, 1001, now)  # stopped meanwhile: read what is in flight, leave
+        self._links.listen(link)
+        if self._stopping:  # stopped meanwhile: read what is in flight, leave
+            self._links.close(link, 1001, now)
 
     def handshake_failed(
         self, link_id: int, error: HandshakeError, token_expires_at: float | None = None
@@ -234,7 +226,7 @@ class SubscriptionRules:
 
     def received(self, link_id: int, data: bytes) -> None:
         """Bytes read from a connection. The hot path: one call per read, not per frame."""
-        link = self._links.get(link_id)
+        link = self._links.links.get(link_id)
         if link is None:
             return
         now = self._clock.monotonic()
@@ -250,7 +242,7 @@ class SubscriptionRules:
         if close is not None:
             self._close_received(link, close, wall)
         elif link.parser.error is not None:  # after storing what came before it (issue 9)
-            self._close(link, 1002, now)
+            self._links.close(link, 1002, now)
             self._ended(link, LinkEnd("1002", f"protocol error: {link.parser.error}", wall))
 
     def _stored(self, link: Link, count: int, nbytes: int, now: float, wall: float) -> None:
@@ -269,14 +261,14 @@ class SubscriptionRules:
             self._ended(link, LinkEnd("1000", "closed (close frame echoed)", wall))
             return
         code = close_code(payload)
-        self._close(link, code, self._clock.monotonic())  # echo it (RFC 6455 5.5.1)
+        self._links.close(link, code, self._clock.monotonic())  # echo it (RFC 6455 5.5.1)
         reason = payload[2:125].decode("utf-8", "replace")
         why = f"closed by the server: {code} {reason}".rstrip()
         self._ended(link, LinkEnd(close_code_label(code), why, wall))
 
     def transport_lost(self, link_id: int, why: str) -> None:
         """EOF or an error on the socket (the loop has stopped reading it)."""
-        link = self._links.get(link_id)
+        link = self._links.links.get(link_id)
         if link is not None:
             self._ended(link, LinkEnd("1006", why, self._clock.wall()))
 
@@ -289,10 +281,9 @@ class SubscriptionRules:
         if self.finished:
             return math.inf
         retry_at = self._reconnects.retry_at
-        due = math.inf if retry_at is None else retry_at
-        for link in self._links.values():
-            if link.listening:
-                due = min(due, link.deadline())
+        due = self._links.deadline()
+        if retry_at is not None and retry_at < due:
+            due = retry_at
         current = self._current
         if current is not None and self._idle(current):
             due = min(due, self._mbb.due(current)[1], self._expiry.next_check)
@@ -305,16 +296,8 @@ class SubscriptionRules:
         wall = self._clock.wall()
         if self._reconnects.due(now):
             self._attempt()
-        for link in list(self._links.values()):
-            if not link.listening:
-                continue
-            end = link.expired(now, wall)
-            if end is not None:
-                self._ended(link, end)
-                continue
-            ping = link.ping(now)
-            if ping is not None:
-                self.actions.append(Send(link.id, ping))
+        for link, end in self._links.due(now, wall):
+            self._ended(link, end)
         current = self._current
         if current is None or not self._idle(current):
             return
@@ -340,7 +323,8 @@ class SubscriptionRules:
     # -- ending connections ---------------------------------------------------------------------
 
     def _ended(self, link: Link, end: LinkEnd) -> None:
-        self._release(link)
+        self._links.release(link)
+        self._maybe_finish()
         if link is not self._current:
             return  # a replacement parked for a switch is not read, so it never ends first
         if self._mbb.next is not None:
@@ -348,9 +332,9 @@ class SubscriptionRules:
             now = self._clock.monotonic()
             new = self._mbb.switched(link, end.why, self._heard_wall, now, not self._stopping)
             self._current = new
-            self._listen(new)
+            self._links.listen(new)
             if self._stopping:
-                self._close(new, 1001, now)
+                self._links.close(new, 1001, now)
             return
         self._current = None
         self._watch.forget()
@@ -358,35 +342,19 @@ class SubscriptionRules:
 
     def _session_lost(self, end: LinkEnd) -> None:
         """The connection (and its make-before-break successors) ended."""
-        stats = self.stats
         lasted = self._clock.monotonic() - self._session_started
-        self._reconnects.session_ended(lasted)
-        stats.connected_since = None
         if self._stopping:
-            log.info("%s: disconnected (stopping)", self.name)
+            self._reconnects.lost(lasted, None, replacement=False)
             self._maybe_finish()
             return
-        stats.close_codes[end.label] = stats.close_codes.get(end.label, 0) + 1
-        stats.last_close_code = end.label
-        stats.last_error = end.why
         self._gaps.open(end.lost_at, f"close:{end.label}", end.why)
-        if self._pending is None:
-            self._reconnects.connection_lost(lasted, end)
-            return
-        # A re-subscribe was under way: its connection becomes the reconnect.
-        self._mbb.abandon()
-        self._reconnects.reconnected_by_resubscribe()
-        log.info(
-            "%s: connection closed after %.1fs (code %s: %s); the re-subscribe under way "
-            "replaces it",
-            self.name,
-            lasted,
-            end.label,
-            end.why,
-        )
+        replacement = self._pending is not None  # a re-subscribe's handshake under way
+        if replacement:
+            self._mbb.abandon()
+        self._reconnects.lost(lasted, end, replacement)
 
     def _maybe_finish(self) -> None:
-        if not self._stopping or self._links or self.finished:
+        if not self._stopping or self._links.links or self.finished:
             return
         self.finished = True
         self._gaps.close(self._clock.wall(), recovered=False)
@@ -394,20 +362,3 @@ class SubscriptionRules:
         stats.state = State.STOPPED
         stats.next_attempt_at = None
         stats.connected_since = None
-
-    # -- actions on connections -----------------------------------------------------------------
-
-    def _listen(self, link: Link) -> None:
-        link.listening = True
-        self.actions.append(Listen(link.id))
-
-    def _close(self, link: Link, code: int, now: float) -> None:
-        frame = link.close(code, now)
-        if frame is not None:
-            self.actions.append(Send(link.id, frame))
-
-    def _release(self, link: Link) -> None:
-        if self._links.pop(link.id, None) is not None:
-            link.listening = False
-            self.actions.append(Release(link.id))
-        self._maybe_finish()
