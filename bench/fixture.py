@@ -74,6 +74,20 @@ class Generator:
         stats = self.stats()
         return all(self.slot(instance, e, stats).get("holder_open") for e in events)
 
+    def summary(self) -> dict[str, int]:
+        """The simulator's totals only (cheap with thousands of slots)."""
+        reply: dict[str, int] = http_json(f"{self.http}/stats/summary")
+        return reply
+
+    def command(self, cmd: str, **params: Any) -> dict[str, Any]:
+        """One stdin command of bench/generator.py; blocks until its reply."""
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"cmd": cmd, **params}).encode() + b"\n")
+        self.proc.stdin.flush()
+        reply: dict[str, Any] = json.loads(self.proc.stdout.readline())
+        return reply
+
     def pace(
         self, instance: str, event: str, rate: float, seconds: float, tick: float = 0.001
     ) -> dict[str, Any]:

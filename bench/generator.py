@@ -9,6 +9,11 @@ stdin, each answered by one JSON line on stdout:
         send R frames/s for S seconds in a batch every T seconds (an absolute schedule);
         reply {"batches": [[unix_time_before_send, last_seq_after_send], ...],
                "delivered": n, "first_seq": s}
+    {"cmd": "spread", "instances": [I, ...], "events": [E, ...], "rate": R, "seconds": S,
+     "tick": T}
+        send R frames/s in total for S seconds, one frame per (instance, event) slot in turn,
+        in a batch every T seconds; reply {"sends": {"I\u0000E": [[unix_time_before_send,
+        seq], ...]}, "delivered": n, "max_behind_s": how late the schedule ran at worst}
     {"cmd": "quit"}
 
 The pacing thread runs here, beside the simulator's loop and away from the measuring
@@ -19,9 +24,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 from forwarder_sim import Simulator
@@ -59,11 +66,59 @@ def pace(
     return {"batches": batches, "delivered": delivered_total, "first_seq": first_seq}
 
 
+def spread(
+    sim: Simulator,
+    instances: list[str],
+    events: list[str],
+    rate: float,
+    seconds: float,
+    tick: float = 0.005,
+) -> dict[str, Any]:
+    """`rate` frames/s over every slot in turn for `seconds`, one simulator call per tick."""
+    slots = [(i, e) for i in instances for e in events]
+    sends: dict[str, list[list[float]]] = {f"{i}\0{e}": [] for i, e in slots}
+    total = int(rate * seconds)
+    delivered = 0
+    behind = 0.0
+    t0 = time.monotonic()
+    sent = 0
+    pos = 0
+    k = 0
+    while sent < total:
+        k += 1
+        due = min(total, int(k * tick * rate)) - sent
+        if due > 0:
+            counts: Counter[tuple[str, str]] = Counter()
+            for _ in range(due):
+                counts[slots[pos % len(slots)]] += 1
+                pos += 1
+            batch = [(i, e, n) for (i, e), n in counts.items()]
+            before = time.time()
+            for (i, e, _), (got, last_seq) in zip(batch, sim.send_many(batch), strict=True):
+                sends[f"{i}\0{e}"].append([before, last_seq])
+                delivered += got
+            sent += due
+        now = time.monotonic()
+        behind = max(behind, now - (t0 + k * tick))
+        wait = t0 + k * tick - now
+        if wait > 0:
+            _PAUSE.wait(wait)
+    return {"sends": sends, "delivered": delivered, "max_behind_s": round(behind, 4)}
+
+
+def raise_fd_limit() -> None:
+    """Thousands of connections: the soft open-file limit up to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.generator")
     parser.add_argument("--secret", required=True)
     parser.add_argument("--frame-size", type=int, default=None)
     args = parser.parse_args(argv)
+    raise_fd_limit()
     sim = Simulator(args.secret, port=0, frame_size=args.frame_size)
     sim.start()
     try:
@@ -76,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if name == "pace":
                 reply = pace(sim, **command)
+            elif name == "spread":
+                reply = spread(sim, **command)
             else:
                 reply = {"error": f"unknown command {name!r}"}
             sys.stdout.write(json.dumps(reply) + "\n")

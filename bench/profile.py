@@ -6,7 +6,7 @@
 py-spy is not a project dependency: `.venv/bin/pip install py-spy`. It attaches to the
 running client (`--pid`, `--nonblocking`, so the process is never paused) while the
 generator floods it, and writes collapsed stacks (`--format raw`). Threads are told apart by
-their entry point (`Subscriber._run`: a reader; `RedisWriter._run`: the writer), so no thread
+their entry point (`IOLoop._run`: a reader loop; `RedisWriter._run`: the writer), so no thread
 names are needed. "Own" time is the leaf frame of each sample: where the CPU actually was.
 """
 
@@ -32,7 +32,7 @@ _FRAME = re.compile(r"^(?P<func>.+?) \((?P<file>[^:()]+)(?::(?P<line>\d+))?\)$")
 
 def _role(frames: list[str]) -> str:
     text = ";".join(frames)
-    if "subscriber.py" in text and "_read" in text:
+    if "loop.py" in text and "IOLoop._run" in text:
         return "reader"
     if "sink.py" in text and "_run" in text:
         return "writer"

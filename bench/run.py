@@ -30,11 +30,12 @@ import redis
 import forwarder
 from bench.fixture import Client, Generator, Kind, drain_and_verify, start_client, written
 from bench.fixture import forwarder_config as write_forwarder_config
+from bench.fleet import FLEET_FULL, FLEET_QUICK, FleetScale, fleet_scenario
 from bench.procs import PAUSE, PYTHON, CpuMeter, Procs, ProcStat, start_redis, wait_until
 from forwarder.events import SENT_EVENTS
 from forwarder_sim.payloads import seq_of
 
-SCENARIOS = ("A", "B", "C", "D", "E", "F")
+SCENARIOS = ("A", "B", "C", "D", "E", "F", "G")
 EVENT = "messages.upsert"
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "latest.json"
 KINDS: tuple[Kind, ...] = ("ceiling", "forwarder", "baseline")
@@ -51,14 +52,15 @@ class Scale:
     idle_events: int  # ... times events per source
     idle_seconds: float  # E: idle window for CPU
     flood_rate: float  # frames/s asked of the generator in A, B, C (split among the events)
+    fleet: FleetScale  # G
     sizes_b: tuple[int, ...] = (2_000, 13_000)
     frame_a: int = 300
 
 
 # 2M frames/s is beyond anything a client reads: flow control then sets the pace.
-FULL = Scale(3, 1.0, 3.0, 10_000.0, 4.0, 77, 13, 60.0, 2_000_000.0)
+FULL = Scale(3, 1.0, 3.0, 10_000.0, 4.0, 77, 13, 60.0, 2_000_000.0, FLEET_FULL)
 # Quick: every code path at a rate that keeps draining and checking Redis short.
-QUICK = Scale(1, 0.3, 0.7, 2_000.0, 0.7, 2, 10, 1.0, 5_000.0)
+QUICK = Scale(1, 0.3, 0.7, 2_000.0, 0.7, 2, 10, 1.0, 5_000.0, FLEET_QUICK)
 
 
 def _median(values: Sequence[float]) -> float:
@@ -486,7 +488,50 @@ TARGETS: dict[str, tuple[str, Callable[[dict[str, Any]], float | None], str, flo
     "E_cpu": ("E idle CPU % of a core", lambda r: r["E"]["idle_cpu_percent"], "<=", 5.0),
     "F_back": ("F all back s", lambda r: r["F"]["all_back_s"], "<=", 30.0),
     "F_peak": ("F peak attempts/s", lambda r: r["F"]["peak_attempts_per_s"], "<=", 200.0),
+    "C_share_90": ("C aggregate / A (issue 10)", lambda r: r["C"]["share_of_A"], ">=", 0.9),
+    "G_connect": ("G all connected s", lambda r: r["G"]["connect"]["all_connected_s"], "<=", 30),
+    "G_connect_peak": (
+        "G peak attempts/s while connecting",
+        lambda r: r["G"]["connect"]["peak_attempts_per_s"],
+        "<=",
+        500,
+    ),
+    "G_rss": ("G RSS MB", lambda r: r["G"]["peak_rss_mb"], "<=", 600),
+    "G_cpu": ("G idle CPU % of a core", lambda r: r["G"]["idle"]["cpu_percent"], "<=", 3.0),
+    "G_p99_5k": ("G p99 ms at 5,000/s", lambda r: _g_traffic(r, 5_000)["p99_ms"], "<=", 20),
+    "G_p99_20k": ("G p99 ms at 20,000/s", lambda r: _g_traffic(r, 20_000)["p99_ms"], "<=", 50),
+    "G_lost": (
+        "G lost + duplicated",
+        lambda r: r["G"]["check"]["lost"] + r["G"]["check"]["duplicated_or_reordered"],
+        "<=",
+        0,
+    ),
+    "G_back": ("G all back s", lambda r: r["G"]["storm"]["all_back_s"], "<=", 30),
+    "G_peak": ("G peak attempts/s", lambda r: r["G"]["storm"]["peak_attempts_per_s"], "<=", 500),
+    "G_series": (
+        "G /metrics series (issue 15)",
+        lambda r: r["G"]["idle"]["endpoints"]["metrics_series"],
+        "<=",
+        50_000,
+    ),
+    "G_scrape": (
+        "G /metrics s under traffic (issue 15)",
+        lambda r: r["G"]["scrape_under_traffic"]["endpoints_under_traffic"]["metrics_s_median"],
+        "<=",
+        1.0,
+    ),
+    "G_status": (
+        "G /status s (issue 15)",
+        lambda r: r["G"]["idle"]["endpoints"]["status_s_median"],
+        "<=",
+        0.2,
+    ),
 }
+
+
+def _g_traffic(results: dict[str, Any], rate: float) -> dict[str, Any]:
+    phase: dict[str, Any] = next(p for p in results["G"]["traffic"] if p["rate"] == rate)
+    return phase
 
 
 def evaluate(results: dict[str, Any]) -> dict[str, Any]:
@@ -494,7 +539,7 @@ def evaluate(results: dict[str, Any]) -> dict[str, Any]:
     for key, (label, get, op, limit) in TARGETS.items():
         try:
             value = get(results)
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, StopIteration):
             continue
         if value is None:
             continue
@@ -562,6 +607,57 @@ def table(results: dict[str, Any]) -> str:
                 "",
             )
         )
+    if "G" in results:
+        g = results["G"]
+        connect, idle, storm = g["connect"], g["idle"], g["storm"]
+        rows.append(
+            (
+                f"G {g['subscriptions']:,} subs: connect",
+                f"{connect['all_connected_s']} s (peak {connect['peak_attempts_per_s']}/s)",
+                "",
+                "",
+                "",
+            )
+        )
+        rows.append(
+            (
+                "G RSS / threads / idle CPU",
+                f"{g['peak_rss_mb']} MB / {idle['threads']} / {idle['cpu_percent']}%",
+                "",
+                "",
+                "",
+            )
+        )
+        for phase in g["traffic"]:
+            rows.append(
+                (
+                    f"G p50/p99/max ms @{phase['rate']:,.0f}/s",
+                    f"{phase['p50_ms']}/{phase['p99_ms']}/{phase['max_ms']}",
+                    "",
+                    "",
+                    "",
+                )
+            )
+        rows.append(
+            (
+                "G storm: all back / peak",
+                f"{storm['all_back_s']} s / {storm['peak_attempts_per_s']}/s",
+                "",
+                "",
+                "",
+            )
+        )
+        ep = idle["endpoints"]
+        rows.append(
+            (
+                "G /metrics series, s / /status s",
+                f"{ep.get('metrics_series')}, {ep.get('metrics_s_median')} / "
+                f"{ep.get('status_s_median')}",
+                "",
+                "",
+                "",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -617,10 +713,18 @@ def run_suite(only: Sequence[str], quick: bool, workdir: Path) -> dict[str, Any]
             print("E/F: idle subscriptions and a reconnect storm", flush=True)
             idle = idle_scenarios(run, "E" in only, "F" in only)
             results.update(idle)
+        if "G" in only:
+            fleet = scale.fleet
+            print(f"G: {fleet.sources} sources x {fleet.events} events in one process", flush=True)
+            gen = run.generator(fleet.frame_bytes)
+            results["G"] = fleet_scenario(run.procs, gen, run.redis_url, run.redis, fleet)
+            run.release()
         run.release()
     finally:
         run.close()
     checks = run.checks
+    if "G" in results:
+        checks.append({"where": "G", "client": "forwarder-fleet", **results["G"]["check"]})
     results["verification"] = {
         "checks": checks,
         **{

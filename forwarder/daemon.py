@@ -1,12 +1,21 @@
 """The daemon: builds the threads from a Config, runs them, and shuts them down in order.
 
 Threads and their owner (this object):
-    sub:SOURCE/EVENT  one per subscription (subscriber.Subscriber)
-    discovery         polls [[discovery]] listings (discovery.DiscoveryPoller)
-    redis-writer      drains the spool into Redis (sink.RedisWriter)
-    http              /metrics /healthz /readyz /status (http.HttpServer)
-    consumers         stream and consumer-group metrics, retention "acked" (consumers.StreamMonitor)
-The main thread only waits on `stop_event` and watches the others.
+    io-N, handshake-N  the I/O loops and the handshake pool under every subscription
+                       (engine.Engine; the subscriptions' rules are subscription.py)
+    spool-fsync        fsyncs the spool (spool.DiskSpool)
+    discovery          polls [[discovery]] listings (discovery.DiscoveryPoller)
+    redis-writer       drains the spool into Redis (sink.RedisWriter)
+    consumers          consumer-group metrics, retention "acked" (consumers.StreamMonitor)
+    http               /metrics /healthz /readyz /status (http.HttpServer)
+The main thread only waits on `stop_event`, applies reloads and watches the others.
+
+Which subscriptions run is decided in one place, `_apply`: the desired set (desired.py: static
+sources plus discovered instances) against what runs: start what is missing, stop what is
+gone or changed, keep what is unchanged. Start-up, SIGHUP reload and discovery polls all go
+through it (under `_apply_lock`); fleet leases can feed it the same way. Lists that other
+threads read (`stats`, the running set) are replaced whole (copy-on-write), never changed in
+place.
 """
 
 from __future__ import annotations
@@ -17,21 +26,26 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from types import FrameType
-from typing import Any
+from typing import Any, overload
 
 import redis
 
 from forwarder import __version__
-from forwarder.backoff import AttemptLimiter, ReconnectBackoff
+from forwarder.backoff import ReconnectBackoff
 from forwarder.config import Config, Subscription, redact_url
 from forwarder.consumers import ConsumerCollector, build_monitor
 from forwarder.desired import desired, plan, removed_gap
 from forwarder.discovery import DiscoveryCollector, DiscoveryPoller, Fetcher
+from forwarder.engine import Engine
 from forwarder.errors import ConfigError, ExitCode
+from forwarder.handshake import Connector, websocket_connect
 from forwarder.http import HttpServer
+from forwarder.lastseen import SAVE_INTERVAL, LastSeen, Marks
+from forwarder.limits import fds_needed, raise_fd_limit
+from forwarder.link import CLOSE_ECHO_TIMEOUT
 from forwarder.listing import fetch_listing
 from forwarder.logs import redact
 from forwarder.metrics import ForwarderCollector, build_registry, source_labelled
@@ -44,7 +58,7 @@ from forwarder.sink import IDLE_PING_SECONDS, RedisWriter
 from forwarder.spool import DiskSpool, Route, entry_size
 from forwarder.stats import State, SubscriptionStats, WriterStats
 from forwarder.status import StatusReport
-from forwarder.subscriber import CLOSE_ECHO_TIMEOUT, Connector, Subscriber, websocket_connect
+from forwarder.subscription import SubscriptionRules
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +67,7 @@ HANDLED_SIGNALS = (
     signal.SIGTERM,  # systemctl stop, docker stop, kill
 )
 RELOAD_SIGNAL = signal.SIGHUP  # systemctl reload (ExecReload=kill -HUP)
-# Connection attempts per second across all subscriptions: 1,000 subscriptions dropped at once
-# come back within ~10 s without a spike at the upstream.
-CONNECT_RATE = 100.0
-CONNECT_BURST = 20
+STATUS_INTERVAL = 2.0  # seconds between two STATUS= lines for systemd (if changed)
 # Redis must have answered within this many seconds for /readyz.
 REDIS_READY_AGE = 3 * IDLE_PING_SECONDS
 # The writer loop turns at least every IDLE_PING_SECONDS (and every second while retrying);
@@ -87,6 +98,8 @@ class Forwarder:
         self.notifier = notifier if notifier is not None else Notifier(None)
         self._watchdog_every = watchdog_every  # seconds between WATCHDOG=1, None: off
         subscriptions = config.subscriptions()
+        # Before anything opens a file: enough descriptors for every socket, or exit 2.
+        self.fd_limit = raise_fd_limit(fds_needed(len(subscriptions), config.io.handshake_threads))
         self.writer_stats = WriterStats()
         # The spool first: it may hold frames of an earlier run (even of subscriptions no
         # longer configured); those get stats too, so /metrics shows them draining.
@@ -98,10 +111,17 @@ class Forwarder:
             fsync_interval=config.spool.fsync_interval,
             cache_bytes=config.spool.memory_bytes,
         )
-        self.stats = [
+        # Indexed like the spool's routes. Read by the writer, /metrics and /status on other
+        # threads: replaced by a longer copy when routes are added, never grown in place.
+        self.stats: list[SubscriptionStats] = [
             SubscriptionStats(r.source, r.event, r.stream, configured=i < len(routes))
             for i, r in enumerate(self.spool.routes)
         ]
+        self.lastseen = LastSeen(config.spool.dir)
+        self._resume: Marks = self.lastseen.load()  # the previous run's marks, used once
+        self._lastseen_at = -SAVE_INTERVAL  # monotonic times of the last saved marks ...
+        self._status_at = -STATUS_INTERVAL  # ... and of the last STATUS= line built
+        self._status_sent = ""  # the last STATUS= line sent to systemd
         # Single Redis, Sentinel or Cluster; it connects on first use, in the writer thread.
         self.target = target if target is not None else make_target(config.redis)
         self.stop_event = threading.Event()
@@ -110,12 +130,13 @@ class Forwarder:
         self._stopping = False
         self._writer_progress = -1  # last seen RedisWriter.progress, and when it changed
         self._writer_progress_at = time.monotonic()
-        self._limiter = AttemptLimiter(CONNECT_RATE, CONNECT_BURST)
-        self.subscribers = [self._subscriber(i, sub) for i, sub in enumerate(subscriptions)]
+        self.engine = Engine(config.io, self.spool, connect)
+        # What runs, by (source, event): replaced whole by _apply, read anywhere.
+        self._running: dict[tuple[str, str], SubscriptionRules] = {}
         self.writer = RedisWriter(
             self.target,
             self.spool,
-            self.stats,
+            _StatsView(self),
             self.writer_stats,
             writer_config(config.redis),
             rand,
@@ -179,6 +200,11 @@ class Forwarder:
             self.status,
         )
 
+    @property
+    def subscribers(self) -> tuple[SubscriptionRules, ...]:
+        """The running subscriptions' rules, in the desired set's order (read-only outside)."""
+        return tuple(self._running.values())
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def run(self, startup: StartupSignals | None = None) -> ExitCode:
@@ -204,17 +230,13 @@ class Forwarder:
             # Ready once configuration, spool and metrics are up: not gated on the upstream,
             # or an upstream outage would become a start-up timeout and a restart loop.
             self.notifier.ready()
-            status = ""
             watchdog_at = 0.0
             while not self.stop_event.wait(1.0):
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload()
                 self._watch()
-                line = self._status_line()
-                if line != status:
-                    status = line
-                    self.notifier.status(line)
+                self._periodic(time.monotonic())
                 now = time.monotonic()
                 every = self._watchdog_every
                 if every is not None and now - watchdog_at >= every and self._progressing(now):
@@ -238,17 +260,6 @@ class Forwarder:
     def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
         self._reload_requested = True  # the main loop reloads within a second
 
-    def _subscriber(self, index: int, sub: Subscription) -> Subscriber:
-        return Subscriber(
-            index,
-            sub,
-            self.stats[index],
-            self.spool,
-            self._limiter,
-            ReconnectBackoff(sub.source.backoff, self._rand),
-            self._connect,
-        )
-
     def reload(self) -> bool:
         """Apply the configuration file again (SIGHUP). Main thread only.
 
@@ -269,15 +280,26 @@ class Forwarder:
             self.notifier.ready()
             return False
         old = self.config
-        for name in ("redis", "metrics", "spool", "consumers"):
+        for name in ("redis", "metrics", "spool", "consumers", "io"):
             if getattr(old, name) != getattr(new, name):
                 log.warning("reload: [%s] changed; that takes effect after a restart", name)
+        try:
+            raise_fd_limit(fds_needed(len(new.subscriptions()), old.io.handshake_threads))
+        except ConfigError as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            self.notifier.ready()
+            return False
         logging.getLogger().setLevel(new.log_level)
         with self._apply_lock:
             self.discovery.reconfigure(new.discovery)
             kept, started, stopped = self._apply(new, "removed from the configuration by a reload")
             self.config = replace(
-                new, redis=old.redis, metrics=old.metrics, spool=old.spool, consumers=old.consumers
+                new,
+                redis=old.redis,
+                metrics=old.metrics,
+                spool=old.spool,
+                consumers=old.consumers,
+                io=old.io,
             )
         log.info(
             "reloaded %s: %d subscriptions kept, %d started, %d stopped",
@@ -297,53 +319,62 @@ class Forwarder:
             self._apply(self.config, "instance no longer listed by discovery")
 
     def _apply(self, config: Config, why_removed: str) -> tuple[int, int, int]:
-        """Reconcile the running subscribers with the desired set; under _apply_lock.
+        """Reconcile the running subscriptions with the desired set; under _apply_lock.
 
-        Returns (kept, started, stopped). Stops what leaves (or changes) first, politely,
-        so the upstream slots are free; a subscription that leaves for good gets a last gap
-        record with cause `removed`. Replaces `self.subscribers` (a new list: other threads
-        iterate it).
+        Returns (kept, started, stopped). Unchanged ones keep their connections; removed and
+        changed ones are stopped first, politely (close frames, their echoes,
+        CLOSE_ECHO_TIMEOUT at most), so their upstream slots are free before a changed one
+        reconnects; a subscription that leaves for good gets a last gap record with cause
+        `removed`. `stats` and the running set are replaced, never changed in place.
         """
         result = desired(config, self.discovery.discovered())
         self.discovery.refused(result.refused)
         wanted = result.subscriptions
-        running = {s.subscription.key: s for s in self.subscribers}
-        steps = plan({k: s.subscription for k, s in running.items()}, wanted)
+        running = self._running
+        steps = plan({k: r.subscription for k, r in running.items()}, wanted)
         leaving = [running[k] for k in steps.stop]
-        # Out of the list first: /healthz and the watchdog must not take a subscriber that is
-        # stopping on purpose for a dead thread.
-        self.subscribers = [running[k] for k in steps.keep]
-        for subscriber in leaving:
-            subscriber.stop()
-        grace = time.monotonic() + CLOSE_ECHO_TIMEOUT
-        for subscriber in leaving:
-            subscriber.join(max(0.0, grace - time.monotonic()))
-            subscriber.force_stop()
-            subscriber.join(1.0)
-            self.stats[subscriber.index].configured = False
+        # Out of the running set first: /healthz must not take one stopping on purpose for
+        # a dead one.
+        self._running = {k: running[k] for k in steps.keep}
+        self.engine.stop(leaving, time.monotonic() + CLOSE_ECHO_TIMEOUT)
+        stats = list(self.stats)
+        for rules in leaving:
+            stats[rules.index].configured = False
         now = time.time()
         for key in steps.gone:
             entry = removed_gap(running[key].index, now, why_removed)
             if not self.spool.append([entry], entry_size(entry)):
-                log.warning("%s/%s: spool full: its `removed` gap record is lost", *key)
-        started = []
+                log.warning("%s/%s: the spool refused its `removed` gap record", *key)
+        added: list[tuple[tuple[str, str], int, Subscription]] = []
         for sub in steps.start:
             route = _route(sub)
             index = self.spool.add_route(route)
-            while len(self.stats) <= index:  # stats are indexed like the spool's routes
-                self.stats.append(SubscriptionStats(route.source, route.event, route.stream))
-            self.stats[index].configured = True
-            subscriber = self._subscriber(index, sub)
-            subscriber.start()
-            started.append(subscriber)
-        self.subscribers = self.subscribers + started
+            while len(stats) <= index:  # stats are indexed like the spool's routes
+                stats.append(SubscriptionStats(route.source, route.event, route.stream))
+            stats[index].configured = True
+            added.append((sub.key, index, sub))
+        self.stats = stats  # published before any subscription can spool under a new index
+        resume, self._resume = self._resume, {}
+        started = {
+            key: self.engine.add(
+                index,
+                sub,
+                stats[index],
+                ReconnectBackoff(sub.source.backoff, self._rand),
+                resume.get(key),
+            )
+            for key, index, sub in added
+        }
+        kept = self._running
+        # The desired set's order, kept ones where they were.
+        self._running = {k: kept.get(k) or started[k] for k in wanted if k in kept or k in started}
         if steps.gone or started:
             log.info(
                 "subscriptions: %d started, %d stopped, %d kept (%d sources)",
                 len(started),
                 len(leaving),
                 len(steps.keep),
-                len({s.subscription.source.name for s in self.subscribers}),
+                len({r.subscription.source.name for r in self._running.values()}),
             )
         return len(steps.keep), len(started), len(leaving)
 
@@ -353,8 +384,9 @@ class Forwarder:
         self.spool.start()
         self.writer.start()
         self.consumers.start()
-        for subscriber in self.subscribers:
-            subscriber.start()
+        self.engine.start()
+        with self._apply_lock:
+            self._apply(self.config, "removed from the configuration")
         self.discovery.start()  # the first poll at once: instances subscribe within it
         log.info(
             "forwarder %s started: %d subscriptions from %d sources and %d discovery tables to "
@@ -382,18 +414,13 @@ class Forwarder:
             pass
         # 0b. Consumer-group monitor: no new rounds, so the drain below has Redis to itself.
         self.consumers.stop()
-        # 1. Subscriptions: send close frames and keep reading until the server echoes them,
-        #    so frames already in flight are still spooled.
-        for subscriber in self.subscribers:
-            subscriber.stop()
-        grace = min(time.monotonic() + CLOSE_ECHO_TIMEOUT, deadline)
-        for subscriber in self.subscribers:
-            subscriber.join(max(0.0, grace - time.monotonic()))
-        # 2. Whatever did not answer in time: cut the socket; nothing more is received.
-        for subscriber in self.subscribers:
-            subscriber.force_stop()
-        for subscriber in self.subscribers:
-            subscriber.join(max(0.1, min(1.0, deadline - time.monotonic())))
+        # 1. Subscriptions: no new connections; close frames on every connection, read until
+        #    the server echoes them (CLOSE_ECHO_TIMEOUT), so frames in flight are still
+        #    spooled; then cut what did not answer.
+        self.engine.shutdown(deadline)
+        # 2. Where each subscription stopped receiving, for the next start's restart gaps
+        #    (every gap is closed by now).
+        self.lastseen.save(self.stats, time.time())
         # 3. Writer: write everything spooled; keep 0.5 s for the last steps. What Redis
         #    does not take in time stays in the spool for the next start.
         self.writer.stop(deadline - 0.5)
@@ -419,6 +446,19 @@ class Forwarder:
         log.info("stopped")
         return ExitCode.FAILURE if failed else ExitCode.OK
 
+    def _periodic(self, now: float) -> None:
+        """Every few seconds, not every turn (each walks every subscription's stats): the
+        marks for the next start's restart gaps, and systemd's STATUS= line if it changed."""
+        if now - self._lastseen_at >= SAVE_INTERVAL:
+            self._lastseen_at = now
+            self.lastseen.save(self.stats, time.time())
+        if now - self._status_at >= STATUS_INTERVAL:
+            self._status_at = now
+            line = self._status_line()
+            if line != self._status_sent:
+                self._status_sent = line
+                self.notifier.status(line)
+
     def _status_line(self) -> str:
         _, info = self.ready()
         return format_status(
@@ -426,10 +466,10 @@ class Forwarder:
         )
 
     def _progressing(self, now: float) -> bool:
-        """Evidence for WATCHDOG=1: no thread died, subscribers run, the writer loop turns."""
+        """Evidence for WATCHDOG=1: no thread died, the loops run, the writer loop turns."""
         if self._failed_threads() or not self.writer.is_alive():
             return False
-        if not all(s.is_alive() for s in self.subscribers):
+        if self.engine.dead():
             return False
         progress = self.writer.progress
         if progress != self._writer_progress:
@@ -444,7 +484,8 @@ class Forwarder:
             self.stop_event.set()
 
     def _failed_threads(self) -> list[str]:
-        failed = [s.name for s in self.subscribers if s.failed is not None]
+        failed = [r.name for r in self._running.values() if r.failed is not None]
+        failed += self.engine.failures()
         if self.writer.failed is not None:
             failed.append("redis-writer")
         if self.discovery.failed is not None:
@@ -461,7 +502,7 @@ class Forwarder:
         """Healthy while every thread that should run is running."""
         dead = self._failed_threads()
         if not self._stopping:
-            dead += [s.name for s in self.subscribers if not s.is_alive()]
+            dead += self.engine.dead()
             if not self.writer.is_alive():
                 dead.append("redis-writer")
             if not self.consumers.is_alive():
@@ -484,7 +525,7 @@ class Forwarder:
             and self.writer_stats.config_error is None
         )
         connected = sum(1 for s in self.stats if s.state is State.CONNECTED)
-        total = len(self.subscribers)
+        total = len(self._running)
         enough = connected >= self.config.metrics.ready_min_connected * total
         # Until each [[discovery]] table has had one believed listing we do not know what to
         # subscribe to; later failures keep the last set running (the alert rule covers them).
@@ -536,3 +577,24 @@ class Forwarder:
 def _route(sub: Subscription) -> Route:
     """Where the spool sends a subscription's entries."""
     return Route(sub.source.name, sub.event, sub.stream, sub.dead_letter_stream)
+
+
+class _StatsView(Sequence[SubscriptionStats]):
+    """The writer's view of `Forwarder.stats`: always the current list, however often a
+    reload replaces it (the writer keeps this object, not a list)."""
+
+    def __init__(self, owner: Forwarder) -> None:
+        self._owner = owner
+
+    @overload
+    def __getitem__(self, index: int) -> SubscriptionStats: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[SubscriptionStats]: ...
+    def __getitem__(self, index: int | slice) -> SubscriptionStats | Sequence[SubscriptionStats]:
+        return self._owner.stats[index]
+
+    def __len__(self) -> int:
+        return len(self._owner.stats)
+
+    def __iter__(self) -> Iterator[SubscriptionStats]:
+        return iter(self._owner.stats)

@@ -1,11 +1,15 @@
-"""Sans-I/O parser for server-to-client WebSocket frames (RFC 6455 section 5).
+"""Sans-I/O WebSocket framing (RFC 6455 section 5): server frames in, client frames out.
 
-websocket-client does the handshake; after it, the subscriber reads the socket in large
-chunks and feeds them here. Doing the framing ourselves buys three things the library lacks
+websocket-client does the handshake; after it, an I/O loop reads the socket in large chunks
+and feeds them here. Doing the framing ourselves buys what the library lacks
 (docs/library-notes.md section 1.4): a size limit enforced *before* a payload is buffered (an
 oversized frame is skipped while its head and a SHA-256 are kept), knowledge of whether we are
 in the middle of a frame (to detect a peer that stalls mid-frame), and speed (one `recv` of
 256 KiB yields hundreds of frames instead of three syscalls per frame).
+
+A protocol violation never costs the frames before it: `feed` returns every message completed
+ahead of the violation in the same chunk and records the violation in `error`; the caller
+stores those messages, then fails the connection (close code 1002).
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ from dataclasses import dataclass
 from forwarder.errors import SubscriberError
 
 OVERSIZED_HEAD_BYTES = 1024
+# No frame length above this is ever plausible (2^63 - 1 is RFC 6455's own bound); callers
+# pass a tighter one: what can arrive within their read timeout (see `plausible_length`).
+MAX_FRAME_LENGTH = (1 << 63) - 1
+# Faster than any link this daemon reads from (10 GbE is ~1.2 GB/s): a frame header claiming
+# more than read_timeout seconds of this can only be garbage, or an attack on the skip logic.
+MAX_BYTES_PER_SECOND = 4 << 30
 
 
 class Opcode(enum.IntEnum):
@@ -47,11 +57,23 @@ class Oversized:
 Message = tuple[int, "bytes | Oversized"]
 
 
-class FrameParser:
-    """Turns a byte stream into messages. Not thread-safe: owned by one reader thread."""
+def plausible_length(read_timeout: float) -> int:
+    """The largest frame length that could finish arriving within `read_timeout` seconds."""
+    return min(MAX_FRAME_LENGTH, max(1 << 20, int(read_timeout * MAX_BYTES_PER_SECOND)))
 
-    def __init__(self, max_message_bytes: int) -> None:
+
+class FrameParser:
+    """Turns a byte stream into messages. Not thread-safe: owned by one I/O loop thread.
+
+    `max_message_bytes`: data messages above it are skipped (an `Oversized` comes out instead).
+    `max_frame_length`: a frame header claiming more is a protocol violation at once.
+    """
+
+    def __init__(self, max_message_bytes: int, max_frame_length: int = MAX_FRAME_LENGTH) -> None:
         self._max = max_message_bytes
+        self._max_length = max_frame_length
+        self.error: ProtocolViolation | None = None  # set once; nothing is parsed after it
+        self.frames = 0  # frames completed so far (skipped ones included): progress
         self._chunks: list[bytes] = []  # received bytes not yet parsed
         self._buffered = 0
         self._need = 2  # bytes required before parsing can make progress
@@ -73,50 +95,76 @@ class FrameParser:
     def feed(self, data: bytes) -> list[Message]:
         """Parse `data`; return every message it completes, in order.
 
-        Raises ProtocolViolation on a framing error; the connection is then unusable.
+        Never raises. On a framing error the messages completed before it are still returned
+        and `error` is set; the connection is then unusable and later calls return nothing.
+        The hot path (one call per read): kept to this method and `_parse_frames`.
         """
         out: list[Message] = []
-        if self._skip_left:
-            data = self._skip(data, out)
-            if not data:
-                return out
-        self._chunks.append(data)
-        self._buffered += len(data)
-        if self._buffered < self._need:
+        if self.error is not None:
             return out
-        work = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks.clear()
-        pos = self._parse(work, out)
-        rest = work[pos:] if pos < len(work) else b""
-        if self._skip_left and rest:
-            rest = self._skip(rest, out)
-            if rest:  # the skipped frame ended inside this chunk: parse what follows
-                return [*out, *self.feed(rest)]
-        if rest:
-            self._chunks.append(rest)
-        self._buffered = len(rest)
+        try:
+            while True:
+                if self._skip_left:
+                    data = self._skip(data, out)
+                    if not data:
+                        return out
+                chunks = self._chunks
+                if chunks:
+                    chunks.append(data)
+                    self._buffered += len(data)
+                    if self._buffered < self._need:
+                        return out
+                    work = b"".join(chunks)
+                    chunks.clear()
+                else:
+                    if len(data) < self._need:
+                        chunks.append(data)
+                        self._buffered = len(data)
+                        return out
+                    work = data
+                before = len(out)
+                pos = self._parse_frames(work, out)
+                # Every complete frame but a continuation yields one message, and
+                # continuations are rare: count messages here, continuation frames where
+                # they end.
+                self.frames += len(out) - before
+                rest = work[pos:] if pos < len(work) else b""
+                if self._skip_left and rest:
+                    rest = self._skip(rest, out)
+                    if rest:  # the skipped frame ended inside this chunk: parse what follows
+                        self._buffered = 0
+                        data = rest
+                        continue
+                if rest:
+                    chunks.append(rest)
+                self._buffered = len(rest)
+                return out
+        except ProtocolViolation as exc:
+            self.error = exc
+            self._chunks.clear()
+            self._buffered = 0
         return out
 
-    def _parse(self, buf: bytes, out: list[Message]) -> int:
+    def _parse_frames(self, buf: bytes, out: list[Message]) -> int:
         pos = 0
         n = len(buf)
         append = out.append
         limit = self._max
         while True:
             # Fast path for what the upstream sends: a complete, unfragmented, unmasked
-            # text (or binary) frame with a 7- or 16-bit length. Everything else, including
-            # every error, takes the general path below.
-            if n - pos >= 4 and self._frag_opcode is None and self._skip_msg is None:
+            # text (or binary) frame with a 7- or 16-bit length, and the pongs answering our
+            # pings. Everything else, including every error, takes the general path below.
+            if n - pos >= 2 and self._frag_opcode is None and self._skip_msg is None:
                 b0 = buf[pos]
-                if b0 in (0x81, 0x82):  # FIN + text, FIN + binary
+                if b0 in (0x81, 0x82, 0x8A):  # FIN + text, binary, pong
                     b1 = buf[pos + 1]
-                    if b1 < 126:
+                    if b1 < 126:  # a pong is never longer (control frames: <= 125 bytes)
                         end = pos + 2 + b1
                         if end <= n and b1 <= limit:
                             append((b0 & 0x0F, buf[pos + 2 : end]))
                             pos = end
                             continue
-                    elif b1 == 126:
+                    elif b1 == 126 and b0 != 0x8A and n - pos >= 4:
                         length = (buf[pos + 2] << 8) | buf[pos + 3]
                         end = pos + 4 + length
                         if end <= n and length <= limit:
@@ -144,6 +192,11 @@ class FrameParser:
                 length = int.from_bytes(buf[pos + 2 : pos + 10], "big")
                 if length >> 63:
                     raise ProtocolViolation("frame length has the most significant bit set")
+                if length > self._max_length:
+                    raise ProtocolViolation(
+                        f"a frame header claims {length} bytes, more than can arrive within "
+                        "read_timeout"
+                    )
             if b0 & 0x70:
                 raise ProtocolViolation("reserved bits set without a negotiated extension")
             if b1 & 0x80:
@@ -155,6 +208,8 @@ class FrameParser:
                     raise ProtocolViolation("fragmented or oversized control frame")
                 if opcode not in (Opcode.CLOSE, Opcode.PING, Opcode.PONG):
                     raise ProtocolViolation(f"unknown control opcode {opcode:#x}")
+                if opcode == Opcode.CLOSE and length == 1:
+                    raise ProtocolViolation("a close frame with a one-byte payload")
             elif opcode not in (Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY):
                 raise ProtocolViolation(f"unknown data opcode {opcode:#x}")
             start = pos + header
@@ -181,6 +236,8 @@ class FrameParser:
                     raise ProtocolViolation("continuation frame without a message to continue")
                 self._frag_parts.append(payload)
                 self._frag_size += length
+                if not fin:
+                    self.frames += 1  # a frame that yields no message (yet)
                 if fin:
                     out.append((self._frag_opcode, b"".join(self._frag_parts)))
                     self._frag_opcode = None
@@ -192,6 +249,7 @@ class FrameParser:
                 if fin:
                     out.append((opcode, payload))
                 else:
+                    self.frames += 1
                     self._frag_opcode = opcode
                     self._frag_parts = [payload]
                     self._frag_size = length
@@ -236,9 +294,11 @@ class FrameParser:
         assert state is not None
         state.add(data[:take])
         self._skip_left -= take
-        if self._skip_left == 0 and self._skip_final:
-            out.append((state.opcode, state.result()))
-            self._skip_msg = None
+        if self._skip_left == 0:
+            if self._skip_final:
+                out.append((state.opcode, state.result()))
+                self._skip_msg = None
+            self.frames += 1  # a skipped frame is progress too (no message counted it)
         return data[take:]
 
 
@@ -261,6 +321,27 @@ class _Skipped:
 
     def result(self) -> Oversized:
         return Oversized(self.opcode, self.size, self.head, self.digest.hexdigest())
+
+
+def client_frame(opcode: int, payload: bytes, mask: bytes) -> bytes:
+    """One final client-to-server frame: clients must mask (RFC 6455 5.3) with a fresh key."""
+    n = len(payload)
+    first = 0x80 | opcode
+    if n < 126:
+        head = bytes((first, 0x80 | n))
+    elif n < 65536:
+        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
+    if not n:
+        return head + mask
+    key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+    return head + mask + (int.from_bytes(payload, "big") ^ key).to_bytes(n, "big")
+
+
+def close_payload(code: int, reason: bytes = b"") -> bytes:
+    """A close frame's payload: the status code, then at most 123 bytes of reason."""
+    return code.to_bytes(2, "big") + reason[:123]
 
 
 def close_code(payload: bytes) -> int:

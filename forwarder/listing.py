@@ -23,7 +23,8 @@ import orjson
 
 from forwarder.config import Secret
 from forwarder.discovery_config import DiscoveryConfig
-from forwarder.errors import DiscoveryError
+from forwarder.errors import DiscoveryError, TLSFileError
+from forwarder.tls import client_context
 
 # Bounded `kind` label values of forwarder_discovery_errors_total (see README, Discovery).
 ERROR_KINDS = (
@@ -149,18 +150,6 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
-def _tls_context(cfg: DiscoveryConfig) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=str(cfg.ca_file) if cfg.ca_file else None)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cfg.client_cert is not None:
-        context.load_cert_chain(cfg.client_cert, cfg.client_key, _no_password)
-    return context
-
-
-def _no_password() -> bytes:
-    raise ValueError("the private key is encrypted")
-
-
 def fetch_listing(cfg: DiscoveryConfig, key: Secret) -> bytes:
     """One GET of the listing; returns the body of a 200. Blocks up to request_timeout
     (per connect and per read). Raises DiscoveryError; never puts the key in a message."""
@@ -168,9 +157,10 @@ def fetch_listing(cfg: DiscoveryConfig, key: Secret) -> bytes:
     handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
     if url.startswith("https:"):
         try:
-            handlers.append(urllib.request.HTTPSHandler(context=_tls_context(cfg)))
-        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise DiscoveryError("tls", f"{url}: TLS files: {_describe(exc)}") from None
+            context = client_context(cfg.ca_file, cfg.client_cert, cfg.client_key)
+        except TLSFileError as exc:
+            raise DiscoveryError("tls", f"{url}: TLS files: {exc}") from None
+        handlers.append(urllib.request.HTTPSHandler(context=context))
     opener = urllib.request.build_opener(*handlers)
     # The scheme is http or https: config.py checked api_url.
     request = urllib.request.Request(  # noqa: S310

@@ -143,6 +143,7 @@ class _Slot:
     """Delivery state of one (instance, event) pair. Touched only on the loop thread."""
 
     __slots__ = (
+        "client_closes",
         "connections",
         "delivered",
         "dropped",
@@ -172,6 +173,7 @@ class _Slot:
         self.dropped = 0
         self.lag_skipped = 0  # frames a rate generator skipped because it fell > 1 s behind
         self.reset_lost = 0  # frames un-counted from delivered because an RST destroyed them
+        self.client_closes: dict[str, int] = {}  # close frames received from clients, by code
         self.lost_indices: set[int] = set()  # positions in ``frames`` destroyed by an RST
         self.connections = 0
         self.rejected = 0
@@ -211,6 +213,7 @@ class _Conn(asyncio.Protocol):
         # slot.frames or -1). Trimmed to the last _TRACK_BYTES of the stream.
         self.batches: deque[tuple[int, _Slot, list[int], int]] = deque()
         self.closed = asyncio.Event()
+        self.client_close: int | None = None  # the code of the client's close frame, if any
 
     # -- asyncio callbacks
 
@@ -415,6 +418,11 @@ class _Conn(asyncio.Protocol):
             self.write(encode_frame(payload, 10))
 
     def _close_received(self, payload: bytes) -> None:
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+        self.client_close = code
+        if self.slot is not None:
+            closes = self.slot.client_closes
+            closes[str(code)] = closes.get(str(code), 0) + 1
         self.buf.clear()
         if self.state is ConnState.OPEN and not self.mid_frame and not self.stalled:
             # ws echoes the peer's code and reason (an empty close gets an empty close).
@@ -1149,6 +1157,7 @@ class Simulator:
                 "rate": self._slot_rate(slot),
                 "lag_skipped": slot.lag_skipped,
                 "reset_lost": slot.reset_lost,
+                "client_closes": dict(slot.client_closes),
                 "injected": dict(slot.injected),
             }
             for kind, n in slot.injected.items():
@@ -1164,6 +1173,7 @@ class Simulator:
                 "blackholed": c.blackholed,
                 "stalled": c.stalled,
                 "token_id": c.token_id,
+                "client_close": c.client_close,
             }
             for c in self._conns.values()
             if c.slot is not None
@@ -1188,6 +1198,64 @@ class Simulator:
                 "requests": dict(self._rest.requests),
             },
         }
+
+    def summary(self) -> dict[str, int]:
+        """Totals only, cheap at 10,000 slots (``GET /stats/summary``): ``connections_total``,
+        ``rejected``, ``bad_requests``, ``delivered``, ``dropped``, ``slots`` and
+        ``holders_open`` (slots whose newest connection is open)."""
+        return self._run(self._a_summary())
+
+    async def _a_summary(self) -> dict[str, int]:
+        return self._summary()
+
+    def _summary(self) -> dict[str, int]:
+        slots = self._slots.values()
+        return {
+            "connections_total": sum(s.connections for s in slots),
+            "rejected": self._rejected,
+            "bad_requests": self._bad_requests,
+            "delivered": sum(s.delivered for s in slots),
+            "dropped": sum(s.dropped for s in slots),
+            "slots": len(self._slots),
+            "holders_open": sum(
+                1 for s in slots if s.holder is not None and s.holder.state is ConnState.OPEN
+            ),
+        }
+
+    def send_many(
+        self, batch: list[tuple[str, str, int]], *, timeout: float | None = 60.0
+    ) -> list[tuple[int, int]]:
+        """:meth:`send` for many slots in one call: ``(instance, event, count)`` each; returns
+        ``(delivered, last_seq)`` per item. For load generators: one cross-thread call per tick
+        instead of one per slot."""
+        return self._run(self._a_send_many(batch), timeout)
+
+    async def _a_send_many(self, batch: list[tuple[str, str, int]]) -> list[tuple[int, int]]:
+        out = []
+        for instance, event, count in batch:
+            slot = self._slot(instance, event)
+            conn = slot.holder
+            if slot.lock.locked() or conn is None or not conn.writable or conn.write_paused:
+                delivered = await self._emit(slot, count)  # the general path, with its waits
+                out.append((delivered, slot.seq))
+                continue
+            # The same bookkeeping as _emit, without a yield per slot: a load generator
+            # spreading frames over thousands of slots would spend its time in loop turns.
+            bodies = [slot.factory(slot.seq + 1 + n) for n in range(count)]
+            frames = [_header(len(body)) + body for body in bodies]
+            conn.write(b"".join(frames))
+            record_at = len(slot.frames) if slot.frames is not None else -1
+            conn.batches.append((conn.written, slot, [len(f) for f in frames], record_at))
+            while conn.batches[0][0] < conn.written - _TRACK_BYTES:
+                conn.batches.popleft()
+            slot.seq += count
+            slot.delivered += count
+            conn.delivered += count
+            if slot.frames is not None:
+                slot.frames.extend(bodies)
+            out.append((count, slot.seq))
+        await asyncio.sleep(0)  # let pings, stats and other slots run
+        return out
 
     def delivered_frames(self, instance: str, event: str) -> list[bytes]:
         """Payloads delivered on the slot, in order (requires ``record=True``)."""
@@ -1434,6 +1502,47 @@ class Simulator:
             done += await self._write_injected(slot, "stall_mid_frame", frame, stall=True)
         return {"frames": done}
 
+    def protocol_error(self, instance: str, event: str, kind: str = "rsv1", before: int = 3) -> int:
+        """Write ``before`` counted frames and then a frame breaking RFC 6455, in one write.
+
+        ``kind``: ``rsv1`` (a text frame with RSV1 set, no extension negotiated),
+        ``long_close`` (a close frame with a 130-byte payload: its reason is over 123 bytes),
+        ``huge_length`` (a header announcing 2**62 bytes, followed by three more valid-looking
+        frames that are part of "its payload", neither counted nor recorded). A client must keep
+        the ``before`` frames and fail the connection. Returns the frames delivered (0 when the
+        slot has no open holder).
+        """
+        return int(self._run(self._a_protocol_error(instance, event, kind, before))["delivered"])
+
+    async def _a_protocol_error(
+        self, instance: str, event: str, kind: str = "rsv1", before: int = 3
+    ) -> dict[str, int]:
+        if kind == "rsv1":
+            bad = bytes([0xC1, 2]) + b"{}"
+        elif kind == "long_close":
+            bad = bytes([0x88, 126]) + (130).to_bytes(2, "big") + b"\x03\xe8" + b"r" * 128
+        elif kind == "huge_length":
+            tail = b"".join(encode_frame(b'{"swallowed":%d}' % n) for n in range(3))
+            bad = bytes([0x81, 127]) + (1 << 62).to_bytes(8, "big") + tail
+        else:
+            raise ValueError(f"unknown protocol error {kind!r}")
+        slot = self._slot(instance, event)
+        async with slot.lock:
+            conn = slot.holder
+            if conn is None or not conn.writable:
+                return {"delivered": 0}
+            bodies = [slot.factory(slot.seq + 1 + n) for n in range(before)]
+            conn.write(b"".join(encode_frame(body) for body in bodies) + bad)
+            slot.seq += before
+            slot.delivered += before
+            conn.delivered += before
+            if slot.frames is not None:
+                slot.frames.extend(bodies)
+            slot.injected[f"protocol_{kind}"] = slot.injected.get(f"protocol_{kind}", 0) + 1
+            conn.stalled = True  # nothing more on a connection the client must fail
+            await conn.drain()
+        return {"delivered": before}
+
     def _inject(self, kind: str, instance: str | None, event: str | None, count: int = 1) -> int:
         return int(self._run(self._a_inject(kind, instance, event, count))["frames"])
 
@@ -1542,6 +1651,9 @@ class Simulator:
         try:
             if method == "GET" and path == "/stats":
                 conn._http_reply("200 OK", orjson.dumps(await self._a_stats()))
+                return
+            if method == "GET" and path == "/stats/summary":
+                conn._http_reply("200 OK", orjson.dumps(self._summary()))
                 return
             name = path.removeprefix("/control/")
             if method == "POST" and path.startswith("/control/") and name in CONTROLS:

@@ -50,7 +50,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_every_scenario_reports_positive_finite_numbers(results: dict[str, Any]) -> None:
-    """Each scenario A-F is in the JSON, its headline numbers are positive and finite."""
+    """Each scenario A-G is in the JSON, its headline numbers are positive and finite."""
     assert results["quick"] is True
     for kind in ("forwarder", "baseline", "ceiling"):
         assert results["A"][kind]["frames_per_s"] > 0
@@ -68,9 +68,18 @@ def test_every_scenario_reports_positive_finite_numbers(results: dict[str, Any])
     assert results["F"]["dropped_connections"] == results["subscriptions"]
     assert results["F"]["all_back_s"] > 0
     assert results["F"]["peak_attempts_per_s"] > 0
-    for scenario in ("A", "B", "C", "D", "E", "F"):
+    fleet = results["G"]
+    assert fleet["subscriptions"] == 5 * 13
+    assert fleet["connect"]["all_connected_s"] > 0
+    assert fleet["storm"]["dropped_connections"] == fleet["subscriptions"]
+    (phase,) = fleet["traffic"]
+    assert phase["entries"] == phase["delivered"] > 0
+    assert 0 <= phase["p50_ms"] <= phase["p99_ms"] <= phase["max_ms"]
+    assert fleet["idle"]["endpoints"]["metrics_series"] > 0
+    for scenario in ("A", "B", "C", "D", "E", "F", "G"):
         assert all(math.isfinite(n) for n in _numbers(results[scenario])), scenario
     assert set(results["targets"]) >= {"A_fps", "A_ratio", "B_mbps", "D_p99", "E_rss", "F_peak"}
+    assert {"G_connect", "G_lost", "G_back", "G_peak"} <= set(results["targets"])
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.request
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import redis
@@ -268,3 +269,56 @@ def test_reload_keeps_unchanged_subscriptions_and_starts_and_stops_the_others(
     assert "reload refused, the running configuration stays" in caplog.text
     assert len(forwarder.subscribers) == 2
     assert connected(forwarder)
+
+
+def test_reload_publishes_new_lists_and_never_grows_the_ones_readers_hold(
+    make_config: ConfigFactory,
+    run_forwarder: Callable[..., Forwarder],
+    simulator: Simulator,
+) -> None:
+    """A reload that adds events replaces `stats` (read by /metrics, /status, the writer) with
+    a longer copy: a reader's snapshot keeps its length, and /status answers throughout."""
+    config = make_config({"main": ["messages.upsert"]})
+    assert config.path is not None
+    path = config.path
+    forwarder = run_forwarder(config, reload=lambda: load_config(path, {}))
+    wait_for(lambda: connected(forwarder), what="connected")
+    snapshot = forwarder.stats
+    running = forwarder.subscribers
+    path.write_text(
+        path.read_text().replace('"messages.upsert"', '"messages.upsert", "call.upsert"')
+    )
+    assert forwarder.reload()
+    assert len(snapshot) == 1  # the old list was not grown under its readers
+    assert forwarder.stats is not snapshot
+    assert [s.event for s in forwarder.stats] == ["messages.upsert", "call.upsert"]
+    assert forwarder.subscribers[0] is running[0]  # kept, not restarted
+    wait_for(lambda: connected(forwarder), what="both connected")
+    status = json.loads(get(forwarder, "/status"))
+    assert [s["event"] for s in status["subscriptions"]] == ["messages.upsert", "call.upsert"]
+
+
+def test_apply_starts_missing_stops_gone_and_keeps_unchanged_subscriptions(
+    make_config: ConfigFactory,
+    run_forwarder: Callable[..., Forwarder],
+    simulator: Simulator,
+) -> None:
+    """_apply(config): the one path for start-up, reloads and discovery (later: leases)."""
+    config = make_config({"main": ["messages.upsert", "chats.upsert"]})
+    forwarder = run_forwarder(config)
+    wait_for(lambda: connected(forwarder), what="connected")
+    kept, leaving = forwarder.subscribers
+    events = ("messages.upsert", "call.upsert")
+    wanted = replace(config, sources=(replace(config.sources[0], events=events),))
+    with forwarder._apply_lock:
+        assert forwarder._apply(wanted, "left the desired set") == (1, 1, 1)
+    assert leaving.finished
+    assert forwarder.subscribers[0] is kept
+    assert [r.subscription.event for r in forwarder.subscribers] == [
+        "messages.upsert",
+        "call.upsert",
+    ]
+    wait_for(lambda: holder(simulator, "main", "call.upsert") is not None, what="started")
+    wait_for(lambda: holder(simulator, "main", "chats.upsert") is None, what="stopped")
+    slots = simulator.stats()["slots"]["main"]
+    assert slots["chats.upsert"]["client_closes"] == {"1001": 1}  # left politely

@@ -25,13 +25,14 @@ import redis
 import websocket
 from prometheus_client.parser import text_string_to_metric_families
 
-from forwarder.backoff import AttemptLimiter, ReconnectBackoff
-from forwarder.config import Backoff, Secret, SourceConfig, Subscription, TokenRef
+from forwarder.backoff import ReconnectBackoff
+from forwarder.config import Backoff, IOConfig, Secret, SourceConfig, Subscription, TokenRef
 from forwarder.daemon import Forwarder
+from forwarder.engine import Engine
 from forwarder.events import ALLOWED_EVENTS
+from forwarder.handshake import Connection, websocket_connect
 from forwarder.spool import DiskSpool, Entry
 from forwarder.stats import State, SubscriptionStats
-from forwarder.subscriber import Connection, Subscriber, websocket_connect
 from forwarder_sim import Simulator, mint_token
 from forwarder_sim.server import _bad_frame
 from tests.conftest import SECRET, ConfigFactory
@@ -156,7 +157,8 @@ def test_shutdown_does_not_hang_on_a_socket_stalled_mid_frame(
     started = time.monotonic()
     forwarder.shutdown()
     assert time.monotonic() - started < 6.0  # close-echo grace (2 s) + socket shutdown
-    assert not forwarder.subscribers[0].is_alive()
+    assert forwarder.subscribers[0].finished
+    assert not any(loop.is_alive() for loop in forwarder.engine.loops)
 
 
 @pytest.mark.parametrize("code", [1001, 1011])
@@ -410,6 +412,37 @@ def test_a_bad_frame_is_dead_lettered_and_the_connection_stays_up(
     assert metric(forwarder, "forwarder_invalid_messages_total", **labels) == 1
 
 
+@pytest.mark.fault
+@pytest.mark.parametrize("kind", ["rsv1", "long_close", "huge_length"])
+def test_a_protocol_error_after_valid_frames_loses_none_of_them(
+    kind: str,
+    make_config: ConfigFactory,
+    run_forwarder: Callable[..., Forwarder],
+    simulator: Simulator,
+    redis_client: redis.Redis,
+) -> None:
+    """Frames, then a violation in the same write (RSV1, a 128-byte close reason, a header
+    claiming 2^62 bytes): every delivered frame lands once, in order; the connection is failed
+    with 1002, a gap recorded, and traffic resumes on the next connection."""
+    forwarder = run_forwarder(make_config({"main": [UP]}, extra_source=FAST))
+    stats = forwarder.stats[0]
+    wait_for(lambda: connected(forwarder), what="connected")
+    simulator.send("main", UP, 5)
+    assert simulator.protocol_error("main", UP, kind, before=3) == 3
+    wait_for(lambda: stats.close_codes.get("1002") == 1, 5.0, "the violation detected")
+    wait_for(lambda: slot_connections(simulator) == 2 and connected(forwarder), what="back")
+    simulator.send("main", UP, 5)
+    wait_for(lambda: stats.forwarded == 13, what="13 forwarded")
+    assert [f[b"data"] for _, f in xrange(redis_client, f"main:{UP}")] == (
+        simulator.delivered_frames("main", UP)
+    )
+    assert len(simulator.delivered_frames("main", UP)) == 13
+    wait_for(lambda: stats.gaps_recorded == 1, what="the gap record written")
+    (gap,) = gaps(redis_client)
+    assert gap["cause"] == "close:1002"
+    assert slot(simulator)["client_closes"] == {"1002": 1}
+
+
 def test_an_oversized_frame_is_skipped_in_bounded_memory_and_dead_lettered_with_its_hash(
     make_config: ConfigFactory,
     run_forwarder: Callable[..., Forwarder],
@@ -493,6 +526,9 @@ class _NullSpool:
     def pending(self) -> tuple[int, int]:
         return 0, 0
 
+    def wait_for_writer(self, timeout: float) -> None:
+        """No writer: never holds a loop back."""
+
 
 def test_a_reconnect_storm_of_1000_subscriptions_is_spread_out_by_jitter(
     simulator: Simulator,
@@ -509,35 +545,26 @@ def test_a_reconnect_storm_of_1000_subscriptions_is_spread_out_by_jitter(
         return websocket_connect(url, timeout)
 
     rng = random.Random(7)
-    limiter = AttemptLimiter(rate=1e6, burst=count)  # out of the way: jitter alone must spread
-    subscribers: list[Subscriber] = []
-    for i in range(count):
-        instance = f"storm{i // per_source}"
-        source = SourceConfig(
-            name=instance,
-            url=simulator.url,
-            token=TokenRef(value=Secret(mint_token(instance, SECRET)), origin="test"),
-            events=ALLOWED_EVENTS,
-            backoff=Backoff(initial=1.0, maximum=1.0),
-        )
-        event = ALLOWED_EVENTS[i % per_source]
-        sub = Subscription(source, event, f"{instance}:{event}", f"{instance}:{event}:dlq")
-        stats = SubscriptionStats(instance, event, sub.stream)
-        subscribers.append(
-            Subscriber(
-                i,
-                sub,
-                stats,
-                cast(DiskSpool, _NullSpool()),
-                limiter,
-                ReconnectBackoff(source.backoff, rng.random),
-                connect,
-            )
-        )
+    # The limiter out of the way: jitter alone must spread the attempts.
+    io = IOConfig(loops=2, handshake_threads=16, connect_rate=1e6, connect_burst=count)
+    engine = Engine(io, cast(DiskSpool, _NullSpool()), connect)
+    engine.start()
+    all_stats: list[SubscriptionStats] = []
     try:
-        for s in subscribers:
-            s.start()
-        all_stats = [s._stats for s in subscribers]
+        for i in range(count):
+            instance = f"storm{i // per_source}"
+            source = SourceConfig(
+                name=instance,
+                url=simulator.url,
+                token=TokenRef(value=Secret(mint_token(instance, SECRET)), origin="test"),
+                events=ALLOWED_EVENTS,
+                backoff=Backoff(initial=1.0, maximum=1.0),
+            )
+            event = ALLOWED_EVENTS[i % per_source]
+            sub = Subscription(source, event, f"{instance}:{event}", f"{instance}:{event}:dlq")
+            stats = SubscriptionStats(instance, event, sub.stream)
+            all_stats.append(stats)
+            engine.add(i, sub, stats, ReconnectBackoff(source.backoff, rng.random))
         wait_for(
             lambda: all(st.state is State.CONNECTED for st in all_stats), 30.0, "all connected"
         )
@@ -558,7 +585,4 @@ def test_a_reconnect_storm_of_1000_subscriptions_is_spread_out_by_jitter(
         assert max(buckets.values()) <= 300
         assert offsets[-1] - offsets[0] >= 0.6
     finally:
-        for s in subscribers:
-            s.force_stop()
-        for s in subscribers:
-            s.join(5.0)
+        engine.shutdown(time.monotonic() + 5.0)

@@ -30,8 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from forwarder.config import Config, Secret, SourceConfig, TokenRef, load_config
 from forwarder.daemon import Forwarder
 from forwarder.errors import ConfigError, ConnectFailed, HandshakeRejected
+from forwarder.handshake import websocket_connect
 from forwarder.logs import setup_logging
-from forwarder.subscriber import websocket_connect
 from forwarder.tls import tls_context
 from forwarder_sim import Simulator, mint_token
 from tests.conftest import SECRET
