@@ -168,7 +168,8 @@ class HandshakePool:
 
     def join(self, timeout: float) -> None:
         for thread in self._threads:
-            thread.join(timeout)
+            if thread.ident is not None:  # a shutdown before start() joins nothing
+                thread.join(timeout)
 
     def is_alive(self) -> bool:
         return all(thread.is_alive() for thread in self._threads)

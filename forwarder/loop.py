@@ -171,7 +171,8 @@ class IOLoop:
         self._thread.start()
 
     def join(self, timeout: float) -> None:
-        self._thread.join(max(0.0, timeout))
+        if self._thread.ident is not None:  # a shutdown before start() joins nothing
+            self._thread.join(max(0.0, timeout))
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
