@@ -26,6 +26,7 @@ import redis
 from forwarder.cli import main as cli_main
 from forwarder.config import Config, load_config
 from forwarder.daemon import Forwarder
+from forwarder.script import mark_key
 from forwarder_sim import Simulator, mint_token
 from tests.conftest import SECRET
 from tests.helpers import RedisServer, free_port, wait_for, xrange
@@ -141,9 +142,9 @@ def test_twenty_instances_are_discovered_and_forwarded_exactly_once_into_shared_
         for name in names:
             assert shared[name] == sim.delivered_frames(name, event), (name, event)
     keys = cast(list[bytes], redis_client.keys("*"))
-    assert sorted(k.decode() for k in keys) == sorted(
-        [*EVENTS, f"forwarder:hwm:{forwarder.spool.writer_id}"]
-    )
+    # One stream per event for every instance, and each stream's own high-water mark.
+    marks = [mark_key(event, forwarder.spool.writer_id) for event in EVENTS]
+    assert sorted(k.decode() for k in keys) == sorted([*EVENTS, *marks])
     (status,) = json.loads(http_get(forwarder, "/status")[1])["discovery"]
     assert (status["name"], status["instances"], status["errors"]) == (TABLE, 20, {})
     metrics = http_get(forwarder, "/metrics")[1].decode()
