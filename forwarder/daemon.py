@@ -17,6 +17,7 @@ discovery polls and fleet leases can feed it the same way. Lists that other thre
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import random
 import signal
@@ -48,6 +49,7 @@ from forwarder.stats import State, SubscriptionStats, WriterStats
 from forwarder.subscription import SubscriptionRules
 
 log = logging.getLogger(__name__)
+_state = operator.attrgetter("state")
 
 HANDLED_SIGNALS = (
     signal.SIGINT,  # Ctrl+C in a terminal
@@ -351,8 +353,7 @@ class Forwarder:
             self.stop_event.set()
 
     def _failed_threads(self) -> list[str]:
-        failed = [r.name for r in self._running.values() if r.failed is not None]
-        failed += self.engine.failures()
+        failed = self.engine.failures()  # crashed subscriptions, loops and workers
         if self.writer.failed is not None:
             failed.append("redis-writer")
         return failed
@@ -382,7 +383,8 @@ class Forwarder:
             and time.monotonic() - last_ok <= REDIS_READY_AGE
             and self.writer_stats.config_error is None
         )
-        connected = sum(1 for s in self.stats if s.state is State.CONNECTED)
+        # In C (attrgetter, list.count): called every STATUS_INTERVAL over 10,000 stats.
+        connected = list(map(_state, self.stats)).count(State.CONNECTED)
         total = len(self._running)
         enough = connected >= self.config.metrics.ready_min_connected * total
         ok = redis_ok and enough and not self._stopping
