@@ -20,7 +20,9 @@ place.
 
 from __future__ import annotations
 
+import gc
 import logging
+import operator
 import os
 import random
 import signal
@@ -61,6 +63,7 @@ from forwarder.status import StatusReport
 from forwarder.subscription import SubscriptionRules
 
 log = logging.getLogger(__name__)
+_state = operator.attrgetter("state")
 
 HANDLED_SIGNALS = (
     signal.SIGINT,  # Ctrl+C in a terminal
@@ -68,6 +71,7 @@ HANDLED_SIGNALS = (
 )
 RELOAD_SIGNAL = signal.SIGHUP  # systemctl reload (ExecReload=kill -HUP)
 STATUS_INTERVAL = 2.0  # seconds between two STATUS= lines for systemd (if changed)
+FREEZE_AFTER = 120.0  # seconds after a start or reload to freeze the GC even if not all connected
 # Redis must have answered within this many seconds for /readyz.
 REDIS_READY_AGE = 3 * IDLE_PING_SECONDS
 # The writer loop turns at least every IDLE_PING_SECONDS (and every second while retrying);
@@ -122,6 +126,8 @@ class Forwarder:
         self._lastseen_at = -SAVE_INTERVAL  # monotonic times of the last saved marks ...
         self._status_at = -STATUS_INTERVAL  # ... and of the last STATUS= line built
         self._status_sent = ""  # the last STATUS= line sent to systemd
+        self._frozen = False  # gc.freeze() done since the last start or reload (_freeze)
+        self._freeze_by = time.monotonic() + FREEZE_AFTER
         # Single Redis, Sentinel or Cluster; it connects on first use, in the writer thread.
         self.target = target if target is not None else make_target(config.redis)
         self.stop_event = threading.Event()
@@ -301,6 +307,8 @@ class Forwarder:
                 consumers=old.consumers,
                 io=old.io,
             )
+        self._frozen = False  # the new subscriptions' state: freeze again once settled
+        self._freeze_by = time.monotonic() + FREEZE_AFTER
         log.info(
             "reloaded %s: %d subscriptions kept, %d started, %d stopped",
             new.path or "the configuration",
@@ -454,15 +462,34 @@ class Forwarder:
             self.lastseen.save(self.stats, time.time())
         if now - self._status_at >= STATUS_INTERVAL:
             self._status_at = now
-            line = self._status_line()
+            _, info = self.ready()
+            line = format_status(
+                info["connected"], info["subscriptions"], self.spool.pending()[0], info["redis_ok"]
+            )
             if line != self._status_sent:
                 self._status_sent = line
                 self.notifier.status(line)
+            settled = info["connected"] >= info["subscriptions"] or now >= self._freeze_by
+            if settled and not self._frozen:
+                self._freeze()
 
-    def _status_line(self) -> str:
-        _, info = self.ready()
-        return format_status(
-            info["connected"], info["subscriptions"], self.spool.pending()[0], info["redis_ok"]
+    def _freeze(self) -> None:
+        """Move every object alive now out of the cyclic garbage collector's sight.
+
+        The subscriptions' long-lived state (rules, connections, stats, configuration: a
+        few hundred thousand objects at 10,000 subscriptions) made every full collection a
+        pause of 40-280 ms in the middle of traffic. Once they are all set up (connected, or
+        FREEZE_AFTER seconds after a start or reload), one collection clears what is garbage
+        now and `gc.freeze()` exempts the rest from later ones, which then only look at what
+        was created since. Main thread only."""
+        self._frozen = True
+        started = time.monotonic()
+        gc.collect()
+        gc.freeze()
+        log.debug(
+            "garbage collector: %d objects frozen in %.0f ms",
+            gc.get_freeze_count(),
+            (time.monotonic() - started) * 1000,
         )
 
     def _progressing(self, now: float) -> bool:
@@ -484,8 +511,7 @@ class Forwarder:
             self.stop_event.set()
 
     def _failed_threads(self) -> list[str]:
-        failed = [r.name for r in self._running.values() if r.failed is not None]
-        failed += self.engine.failures()
+        failed = self.engine.failures()  # crashed subscriptions, loops and workers
         if self.writer.failed is not None:
             failed.append("redis-writer")
         if self.discovery.failed is not None:
@@ -524,7 +550,8 @@ class Forwarder:
             and time.monotonic() - last_ok <= REDIS_READY_AGE
             and self.writer_stats.config_error is None
         )
-        connected = sum(1 for s in self.stats if s.state is State.CONNECTED)
+        # In C (attrgetter, list.count): called every STATUS_INTERVAL over 10,000 stats.
+        connected = list(map(_state, self.stats)).count(State.CONNECTED)
         total = len(self._running)
         enough = connected >= self.config.metrics.ready_min_connected * total
         # Until each [[discovery]] table has had one believed listing we do not know what to

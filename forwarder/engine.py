@@ -3,7 +3,7 @@
 The daemon decides *which* subscriptions run (daemon._apply); the engine runs them: it builds
 each subscription's rules (subscription.py) on the least loaded loop, and stops them politely
 (close frames, then the echo) or at once. Threads, all owned here:
-    io-N          the selector loops (loop.py), one per CPU core unless configured
+    io-N          the selector loops (loop.py): `[io] loops`, one by default
     handshake-N   the handshake pool (handshake.py), `io.handshake_threads` of them
 """
 
@@ -159,8 +159,9 @@ class Engine:
         self._where.clear()
 
     def failures(self) -> list[str]:
-        """Names of the loops and workers that died of a bug."""
-        dead = [loop.name for loop in self.loops if loop.failed is not None]
+        """Names of the subscriptions, loops and workers that died of a bug."""
+        dead = [rules.name for loop in self.loops for rules in list(loop.crashed)]
+        dead += [loop.name for loop in self.loops if loop.failed is not None]
         if self.pool.failed is not None:
             dead.append("handshake-pool")
         return dead

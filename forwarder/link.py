@@ -238,9 +238,10 @@ class LinkSet:
         return due
 
     def due(self, now: float, wall: float) -> list[tuple[Link, LinkEnd]]:
-        """Ping the links silent for ping_interval; return the ones whose deadline passed."""
-        ended = []
-        for link in list(self.links.values()):
+        """Ping the links silent for ping_interval; return the ones whose deadline passed
+        (for the caller to end: nothing is removed here)."""
+        ended: list[tuple[Link, LinkEnd]] = []
+        for link in self.links.values():
             if not link.listening:
                 continue
             end = link.expired(now, wall)

@@ -5,7 +5,7 @@ the subscription's rules (subscription.py, sans-I/O), performs the actions they 
 (connect through the handshake pool, listen, write a control frame, release), keeps their
 deadlines in one heap, and hands everything they produced in a turn to the spool as one chunk.
 No thread and no read buffer per subscription: a daemon with 10,000 subscriptions runs a few
-of these loops (one per core by default) and one handshake pool.
+of these loops (one by default: they share the interpreter lock) and one handshake pool.
 
 TLS (wss://) goes through the same path: websocket-client's SSLSocket is switched to
 non-blocking mode; a read that needs more bytes raises SSLWantReadError (wait for readable),
@@ -134,6 +134,8 @@ class IOLoop:
         self._last_drop_log = -math.inf
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.failed: BaseException | None = None  # the loop itself died of a bug
+        # Subscriptions whose rules raised (a bug), for /healthz; replaced, never grown.
+        self.crashed: tuple[SubscriptionRules, ...] = ()
 
     # -- thread-safe API ------------------------------------------------------------------------
 
@@ -247,7 +249,7 @@ class IOLoop:
             return
         if state.tls and state.link_id in self._socks and sock.pending():  # type: ignore[attr-defined]
             self._again.append(state)
-        if rules.actions or rules.earlier:  # most reads only carry frames: nothing to do
+        if rules.actions or rules.retime:  # most reads only carry frames: nothing to do
             self._act(sub)
 
     def _timers(self) -> None:
@@ -362,7 +364,7 @@ class IOLoop:
             if rules.finished:
                 self._remove(sub)
                 return
-            rules.earlier = False
+            rules.retime = False
             due = rules.deadline()
         except Exception as exc:
             self._crashed(sub, exc)
@@ -397,6 +399,7 @@ class IOLoop:
         rules.failed = exc
         rules.finished = True
         rules.stats.state = State.STOPPED
+        self.crashed = (*self.crashed, rules)
         self._remove(sub)
 
     # -- sockets --------------------------------------------------------------------------------

@@ -87,10 +87,11 @@ class SubscriptionRules:
         self.actions: list[Action] = []
         self.finished = False  # stopped, with no connection left
         self.failed: BaseException | None = None  # set by the loop if an input raised (a bug)
-        # After `received`, whether `deadline()` may have moved earlier (else, with no
-        # actions, the loop need not ask: a read only ever pushes the other deadlines later).
-        # Reset by the loop when it asks.
-        self.earlier = False
+        # After `received`, whether the loop should ask `deadline()` again: a read started a
+        # frame (the read timeout is the one deadline a read can advance) or answered a ping
+        # (the next deadline moves from the pong's to the next ping's). Other reads only push
+        # deadlines a little later, and a tick that comes early is harmless. Reset by the loop.
+        self.retime = False
         self._source = subscription.source
         self._outbox = outbox
         self._clock = clock
@@ -232,11 +233,12 @@ class SubscriptionRules:
         now = self._clock.monotonic()
         wall = self._clock.wall()
         started = link.frame_started
+        pinged = link.ping_sent is not None
         count, nbytes, close = link.receive(
             data, now, wall, self.index, self._outbox.entries, self.actions
         )
-        if started is None and link.frame_started is not None:
-            self.earlier = True  # a read timeout began: the one deadline a read can advance
+        if pinged or (started is None and link.frame_started is not None):
+            self.retime = True
         if count:
             self._stored(link, count, nbytes, now, wall)
         if close is not None:

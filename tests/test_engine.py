@@ -91,6 +91,6 @@ def test_token_expiries_are_read_once_per_source_within_the_cache_time() -> None
 
 
 def test_one_loop_per_core_by_default_and_at_most_four() -> None:
-    """[io] loops = 0 means one per CPU core this process may use, capped at 4."""
+    """One loop by default; [io] loops = 0 means one per CPU core, capped at 4."""
     assert 1 <= default_loops() <= 4
-    assert IOConfig().loops == 0
+    assert IOConfig().loops == 1
