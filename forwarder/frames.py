@@ -1,11 +1,12 @@
 """Sans-I/O WebSocket framing (RFC 6455 section 5): server frames in, client frames out.
 
 websocket-client does the handshake; after it, an I/O loop reads the socket in large chunks
-and feeds them here. Doing the framing ourselves buys what the library lacks
-(library-pitfalls.md section 1.4): a size limit enforced *before* a payload is buffered (an
-oversized frame is skipped while its head and a SHA-256 are kept), knowledge of whether we are
-in the middle of a frame (to detect a peer that stalls mid-frame), and speed (one `recv` of
-256 KiB yields hundreds of frames instead of three syscalls per frame).
+and feeds them here. Doing the framing ourselves buys what the library lacks (it has no
+message size limit and assembles any frame whole, however large its header says it is): a
+size limit enforced *before* a payload is buffered (an oversized frame is skipped while its
+head and a SHA-256 are kept), knowledge of whether we are in the middle of a frame (to
+detect a peer that stalls mid-frame), and speed (one `recv` of 256 KiB yields hundreds of
+frames instead of three syscalls per frame).
 
 A protocol violation never costs the frames before it: `feed` returns every message completed
 ahead of the violation in the same chunk and records the violation in `error`; the caller
