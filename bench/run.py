@@ -487,7 +487,9 @@ TARGETS: dict[str, tuple[str, Callable[[dict[str, Any]], float | None], str, flo
     "E_rss": ("E RSS MB", lambda r: r["E"]["rss_mb"], "<=", 250.0),
     "E_cpu": ("E idle CPU % of a core", lambda r: r["E"]["idle_cpu_percent"], "<=", 5.0),
     "F_back": ("F all back s", lambda r: r["F"]["all_back_s"], "<=", 30.0),
-    "F_peak": ("F peak attempts/s", lambda r: r["F"]["peak_attempts_per_s"], "<=", 200.0),
+    # 200/s while the limiter was a fixed 100/s; issue 10 sets it to what the upstream can take
+    # (<= 500/s) so that 10,010 subscriptions are back within 30 s.
+    "F_peak": ("F peak attempts/s", lambda r: r["F"]["peak_attempts_per_s"], "<=", 500.0),
     "C_share_90": ("C aggregate / A (issue 10)", lambda r: r["C"]["share_of_A"], ">=", 0.9),
     "G_connect": ("G all connected s", lambda r: r["G"]["connect"]["all_connected_s"], "<=", 30),
     "G_connect_peak": (

@@ -20,10 +20,7 @@ which only queue a function for the loop and wake it through a socket pair.
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import heapq
-import itertools
 import logging
 import math
 import selectors
@@ -33,22 +30,16 @@ import threading
 from collections.abc import Callable, Iterable
 
 from forwarder.actions import Connect, Listen, Release, Send
-from forwarder.gaps import Outbox
 from forwarder.handshake import Handshake, HandshakeJob, HandshakePool, describe
-from forwarder.spool import GAP, DiskSpool, Entry
+from forwarder.spool import DiskSpool
 from forwarder.stats import State
 from forwarder.subscription import SubscriptionRules
+from forwarder.turns import Inbox, SpoolFeed, Timers
 
 log = logging.getLogger(__name__)
 
 RECV_BYTES = 256 * 1024  # the loop's one read buffer: at most this much per socket and turn
-COALESCE_BELOW = 64 * 1024  # a smaller chunk spooled is followed by COALESCE_PAUSE
-COALESCE_PAUSE = 0.001  # seconds
-BACKLOG_WAIT = 0.05  # at most this long a loop waits for a lagging (healthy) writer
-DROP_LOG_INTERVAL = 10.0  # seconds between two ERROR lines about refused frames
 MAX_SELECT = 1.0  # the loop wakes at least this often (a safety net, not a timer)
-MIN_TICK = 0.01  # a deadline that is already past is retried no sooner than this
-RESCHEDULE_SLACK = 1.0  # seconds a deadline may move later before its heap entry is replaced
 TIMER_SLACK = 0.02  # seconds a timer may fire late, so that timers due together share a turn
 EOF = "the server closed the TCP connection without a close frame"
 
@@ -93,6 +84,50 @@ class _Sock:
         self.out = b""  # control frames the kernel did not take yet
         self.events = 0  # what the selector watches (0: not registered)
 
+    def watch(self, selector: selectors.BaseSelector, events: int) -> None:
+        if events == self.events:
+            return
+        if not self.events:
+            selector.register(self.sock, events, self)
+        else:
+            selector.modify(self.sock, events, self)
+        self.events = events
+
+    def write(self, selector: selectors.BaseSelector, data: bytes) -> OSError | None:
+        """Queue a control frame and write what the kernel takes; the error if the socket
+        failed."""
+        if self.out:
+            self.out += data  # behind what the kernel has not taken yet
+            return None
+        self.out = data
+        return self.flush(selector)
+
+    def flush(self, selector: selectors.BaseSelector) -> OSError | None:
+        """Write what is queued; watch for writability while some is left."""
+        while self.out:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                break
+            except OSError as exc:
+                self.out = b""
+                return exc
+            self.out = self.out[sent:]
+        if self.events or self.out:
+            reading = self.events & selectors.EVENT_READ
+            self.watch(selector, reading | (selectors.EVENT_WRITE if self.out else 0))
+        return None
+
+    def close(self, selector: selectors.BaseSelector) -> None:
+        if self.events:
+            selector.unregister(self.sock)
+            self.events = 0
+        if self.out:  # the last control frame (a close echo), if the kernel takes it now
+            with contextlib.suppress(OSError, ssl.SSLError):
+                self.sock.send(self.out)
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
 
 class IOLoop:
     """One selector thread. `start()`, then `shutdown()` (polite) or `force()`, then `join()`."""
@@ -106,32 +141,22 @@ class IOLoop:
         read_bytes: int = RECV_BYTES,
     ) -> None:
         self.name = name
-        self.outbox = Outbox()  # shared by the rules of this loop's subscriptions
-        self._spool = spool
         self._handshakes = handshakes
         self._clock = clock  # monotonic
         self._selector = selectors.DefaultSelector()
         self._buf = bytearray(read_bytes)
         self._view = memoryview(self._buf)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        # Shared with other threads: functions to run on the loop, and whether a wake-up
-        # byte is already on its way (a hint; a spurious wake-up costs one empty turn).
-        self._inbox: collections.deque[Callable[[], None]] = collections.deque()
-        self._woken = False
+        self._inbox = Inbox(self._selector)  # the one part other threads touch
         self._halt = threading.Event()  # set by force(): cut pauses short
+        self._feed = SpoolFeed(name, spool, clock, self._halt)
+        self.outbox = self._feed.outbox  # shared by the rules of this loop's subscriptions
         # Loop thread only.
+        self._timers: Timers[_Sub] = Timers(clock)
         self._subs: dict[SubscriptionRules, _Sub] = {}
         self._socks: dict[int, _Sock] = {}
         self._waiting: dict[int, tuple[_Sub, HandshakeJob]] = {}  # handshakes in flight
-        self._heap: list[tuple[float, int, _Sub]] = []
-        self._seq = itertools.count()
         self._again: list[_Sock] = []  # TLS sockets with decrypted bytes still inside OpenSSL
-        self._stats_of: dict[int, SubscriptionRules] = {}  # route index -> its rules
         self._exiting = False
-        self._last_drop_log = -math.inf
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.failed: BaseException | None = None  # the loop itself died of a bug
         # Subscriptions whose rules raised (a bug), for /healthz; replaced, never grown.
@@ -141,11 +166,7 @@ class IOLoop:
 
     def call(self, fn: Callable[[], None]) -> None:
         """Run `fn` on the loop thread, soon. Any thread; never blocks."""
-        self._inbox.append(fn)
-        if not self._woken:
-            self._woken = True
-            with contextlib.suppress(BlockingIOError, OSError):  # full: a wake-up is pending
-                self._wake_w.send(b"\0")
+        self._inbox.call(fn)
 
     def add(self, rules: SubscriptionRules) -> None:
         self.call(lambda: self._add(rules))
@@ -192,25 +213,21 @@ class IOLoop:
             self._close_all()
 
     def _turn(self) -> None:
-        timeout = MAX_SELECT
-        if self._inbox or self._again:
-            timeout = 0.0
-        elif self._heap:
+        timeout = 0.0
+        if not (self._inbox or self._again):
             # TIMER_SLACK late at most: the deadlines due meanwhile share the turn (10,000
             # idle subscriptions ping 500 times a second; one turn each would cost more than
             # the pings).
-            timeout = min(MAX_SELECT, max(0.0, self._heap[0][0] - self._clock()) + TIMER_SLACK)
+            wait = self._timers.next_due() - self._clock() + TIMER_SLACK
+            timeout = min(MAX_SELECT, max(0.0, wait))
         for key, mask in self._selector.select(timeout):
             state = key.data
             if state is None:
-                self._woken = False
-                with contextlib.suppress(BlockingIOError):
-                    while self._wake_r.recv(4096):
-                        pass
+                self._inbox.woken()
                 continue
             readable = mask & selectors.EVENT_READ
             if mask & selectors.EVENT_WRITE:
-                self._flush(state)
+                self._flushed(state, state.flush(self._selector))
                 # A TLS read that had to wait for a write can go on now.
                 readable |= state.tls and not state.out
             if readable and state.link_id in self._socks:
@@ -220,10 +237,10 @@ class IOLoop:
             for state in again:
                 if state.link_id in self._socks:
                     self._read(state)
-        while self._inbox:
-            self._inbox.popleft()()
-        self._timers()
-        self._spool_chunk()
+        self._inbox.run()
+        for sub in self._timers.due(lambda sub: sub.rules in self._subs):
+            self._input(sub, sub.rules.tick)
+        self._feed.flush()
 
     def _read(self, state: _Sock) -> None:
         sub = state.sub
@@ -234,7 +251,7 @@ class IOLoop:
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             return
         except ssl.SSLWantWriteError:  # TLS must write before it can read on (renegotiation)
-            self._watch(state, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            state.watch(self._selector, selectors.EVENT_READ | selectors.EVENT_WRITE)
             return
         except OSError as exc:
             self._input(sub, rules.transport_lost, state.link_id, describe(exc))
@@ -252,65 +269,12 @@ class IOLoop:
         if rules.actions or rules.retime:  # most reads only carry frames: nothing to do
             self._act(sub)
 
-    def _timers(self) -> None:
-        heap = self._heap
-        now = self._clock()
-        while heap and heap[0][0] <= now:
-            due, _, sub = heapq.heappop(heap)
-            if due != sub.scheduled or sub.rules not in self._subs:
-                continue  # stale: an earlier deadline replaced it, or the subscription left
-            sub.scheduled = math.inf
-            self._input(sub, sub.rules.tick)
-
-    def _spool_chunk(self) -> None:
-        if not self.outbox.entries:
-            return
-        entries, nbytes = self.outbox.take()
-        if self._spool.append(entries, nbytes):
-            # If the writer is behind while Redis is healthy, let it catch up (bounded; never
-            # during an outage). Nothing is lost: the next frames wait in the socket buffers.
-            self._spool.wait_for_writer(BACKLOG_WAIT)
-            if nbytes < COALESCE_BELOW:
-                # A small chunk under heavy traffic costs as much as a large one (a lock, a
-                # write, a few syscalls): let a millisecond's worth of frames gather in the
-                # socket buffers first. Adds at most 1 ms of latency.
-                self._halt.wait(COALESCE_PAUSE)
-            return
-        self._refused(entries)
-
-    def _refused(self, entries: list[Entry]) -> None:
-        frames: dict[int, int] = {}
-        gaps = 0
-        for entry in entries:
-            if entry.opcode == GAP:
-                gaps += 1
-            else:
-                frames[entry.subscription] = frames.get(entry.subscription, 0) + 1
-        for index, count in frames.items():
-            rules = self._stats_of.get(index)
-            if rules is not None:
-                rules.stats.dropped += count
-        now = self._clock()
-        if now - self._last_drop_log < DROP_LOG_INTERVAL:
-            return
-        self._last_drop_log = now
-        pending, pending_bytes = self._spool.pending()
-        log.error(
-            "%s: the spool refused %d frames and %d gap records (%d frames, %d bytes waiting "
-            "for Redis); they are lost and counted in forwarder_messages_dropped_total",
-            self.name,
-            sum(frames.values()),
-            gaps,
-            pending,
-            pending_bytes,
-        )
-
     # -- subscriptions --------------------------------------------------------------------------
 
     def _add(self, rules: SubscriptionRules) -> None:
         sub = _Sub(rules)
         self._subs[rules] = sub
-        self._stats_of[rules.index] = rules
+        self._feed.register(rules.index, rules.stats)
         self._input(sub, rules.start)
         if self._exiting and rules in self._subs:
             self._input(sub, rules.stop)
@@ -369,18 +333,7 @@ class IOLoop:
         except Exception as exc:
             self._crashed(sub, exc)
             return
-        # The heap keeps one live entry per subscription (`scheduled`; others are stale and
-        # skipped when popped). An earlier deadline is pushed at once; a later one only when
-        # it moved by more than RESCHEDULE_SLACK (a pong moving the next ping 10 s on), so
-        # a busy connection, whose every read moves its deadline a little, costs no push per
-        # read, and an idle one costs one tick per ping instead of two.
-        scheduled = sub.scheduled
-        if due < scheduled or due > scheduled + RESCHEDULE_SLACK:
-            now = self._clock()
-            if due <= now:  # only after a tick that could not act yet: never a busy loop
-                due = now + MIN_TICK
-            sub.scheduled = due
-            heapq.heappush(self._heap, (due, next(self._seq), sub))
+        self._timers.schedule(sub, due)
 
     def _remove(self, sub: _Sub) -> None:
         if self._subs.pop(sub.rules, None) is None:
@@ -439,57 +392,26 @@ class IOLoop:
         state = self._socks.get(link_id)
         if state is None:
             return
-        self._watch(state, selectors.EVENT_READ | (selectors.EVENT_WRITE if state.out else 0))
+        state.watch(
+            self._selector, selectors.EVENT_READ | (selectors.EVENT_WRITE * bool(state.out))
+        )
         if state.tls and state.sock.pending():  # type: ignore[attr-defined]
             self._again.append(state)
 
-    def _watch(self, state: _Sock, events: int) -> None:
-        if events == state.events:
-            return
-        if not state.events:
-            self._selector.register(state.sock, events, state)
-        else:
-            self._selector.modify(state.sock, events, state)
-        state.events = events
-
     def _send(self, link_id: int, data: bytes) -> None:
         state = self._socks.get(link_id)
-        if state is None:
-            return
-        if state.out:
-            state.out += data  # behind what the kernel has not taken yet
-            return
-        state.out = data
-        self._flush(state)
+        if state is not None:
+            self._flushed(state, state.write(self._selector, data))
 
-    def _flush(self, state: _Sock) -> None:
-        while state.out:
-            try:
-                sent = state.sock.send(state.out)
-            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                break
-            except OSError as exc:
-                state.out = b""
-                self._input(state.sub, state.sub.rules.transport_lost, state.link_id, describe(exc))
-                return
-            state.out = state.out[sent:]
-        reading = selectors.EVENT_READ if state.events & selectors.EVENT_READ else 0
-        if state.link_id in self._socks and (state.events or state.out):
-            self._watch(state, reading | (selectors.EVENT_WRITE if state.out else 0))
+    def _flushed(self, state: _Sock, error: OSError | None) -> None:
+        if error is not None and state.link_id in self._socks:
+            self._input(state.sub, state.sub.rules.transport_lost, state.link_id, describe(error))
 
     def _release(self, link_id: int) -> None:
         state = self._socks.pop(link_id, None)
-        if state is None:
-            return
-        state.sub.links.discard(link_id)
-        if state.events:
-            self._selector.unregister(state.sock)
-            state.events = 0
-        if state.out:  # the last control frame (a close echo), if the kernel takes it now
-            with contextlib.suppress(OSError, ssl.SSLError):
-                state.sock.send(state.out)
-        with contextlib.suppress(OSError):
-            state.sock.close()
+        if state is not None:
+            state.sub.links.discard(link_id)
+            state.close(self._selector)
 
     def _close_all(self) -> None:
         for link_id in list(self._socks):
@@ -497,7 +419,6 @@ class IOLoop:
                 self._release(link_id)
         for rules in list(self._subs):
             rules.stats.state = State.STOPPED
+        self._inbox.close()
         with contextlib.suppress(OSError):
             self._selector.close()
-            self._wake_r.close()
-            self._wake_w.close()
