@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -175,6 +176,24 @@ class HttpServer:
         return self._thread is not None and self._thread.is_alive()
 
     def _app(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        """Answer one request; a failing page is a 500 and one ERROR line, never a traceback.
+
+        wsgiref would print the traceback to stderr itself, bypassing the log redaction (an
+        exception's text can carry a Redis URL or a token), so the error is caught here.
+        """
+        try:
+            return self._route(environ, start_response)
+        except Exception as exc:  # any page bug: it must not reach wsgiref
+            path = environ.get("PATH_INFO", "")
+            log.error("http: %s failed: %s: %s", path, type(exc).__name__, exc)
+            start_response(
+                "500 Internal Server Error",
+                [("Content-Type", "text/plain")],
+                sys.exc_info(),
+            )
+            return [b"internal error: see the forwarder's log\n"]
+
+    def _route(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         if path == "/metrics":
             return self._metrics_app(environ, start_response)  # type: ignore[no-any-return]

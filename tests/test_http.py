@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import socket
 import threading
 import urllib.error
@@ -12,6 +14,7 @@ import pytest
 from prometheus_client.registry import CollectorRegistry
 
 from forwarder.http import HttpServer
+from forwarder.logs import setup_logging
 from tests.helpers import wait_for
 
 CAP = 4
@@ -120,3 +123,41 @@ def test_a_client_that_stops_mid_request_is_cut_after_the_idle_timeout(
     with connect(server) as sock:
         sock.sendall(b"GET /metr")
         assert read_until_closed(sock) == b""  # closed by the server, not by our timeout
+
+
+def test_a_failing_page_is_a_500_and_a_redacted_error_line_not_a_traceback(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A page that raises answers 500; its error reaches the log redacted, never stderr raw."""
+    stream = io.StringIO()
+    handler = setup_logging("INFO", stream)
+    secret = "redis://app:hunter2@127.0.0.1:6379/0"
+
+    def broken(query: object) -> tuple[int, dict[str, object]]:
+        raise RuntimeError(f"cannot reach {secret}")
+
+    http = HttpServer(
+        "127.0.0.1",
+        0,
+        CollectorRegistry(),
+        health=lambda: (True, {"healthy": True}),
+        ready=lambda: (True, {"ready": True}),
+        status=broken,
+    )
+    http.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as failed:
+            urllib.request.urlopen(f"http://127.0.0.1:{http.port}/status", timeout=10)
+        assert failed.value.code == 500
+        with urllib.request.urlopen(f"http://127.0.0.1:{http.port}/healthz", timeout=10) as ok:
+            assert ok.status == 200  # the server lives on after the failure
+    finally:
+        http.stop()
+        http.join(5)
+        logging.getLogger().removeHandler(handler)
+    logged = stream.getvalue()
+    assert "/status failed: RuntimeError" in logged
+    assert "hunter2" not in logged
+    raw = capfd.readouterr()
+    assert "Traceback" not in raw.err + raw.out
+    assert "hunter2" not in raw.err + raw.out
