@@ -27,7 +27,11 @@ def _make_jwt() -> jwt.PyJWT:
     codec = jwt.PyJWT()
     # PyJWT warns (an error under ``-W error``) for HMAC keys under 32 bytes; upstream's
     # jsonwebtoken does not, and short development secrets are common, so swap the algorithms.
-    jws = codec._jws  # PyJWT exposes no public hook for this
+    # PyJWT exposes no public hook for this. Before 2.11 it had neither the warning nor this
+    # attribute, and its plain codec is what we want.
+    jws = getattr(codec, "_jws", None)
+    if jws is None:
+        return codec
     for name, digest in (
         ("HS256", HMACAlgorithm.SHA256),
         ("HS384", HMACAlgorithm.SHA384),
