@@ -319,7 +319,7 @@ class Forwarder:
             self.notifier.ready()
             return False
         old = self.config
-        for name in ("redis", "metrics", "spool", "consumers", "io"):
+        for name in ("redis", "metrics", "spool", "consumers", "io", "fleet"):
             if getattr(old, name) != getattr(new, name):
                 log.warning("reload: [%s] changed; that takes effect after a restart", name)
         try:
@@ -339,6 +339,7 @@ class Forwarder:
                 spool=old.spool,
                 consumers=old.consumers,
                 io=old.io,
+                fleet=old.fleet,
             )
         self._frozen = False  # the new subscriptions' state: freeze again once settled
         self._freeze_by = time.monotonic() + FREEZE_AFTER

@@ -250,6 +250,14 @@ class Fleet:
         """Every slot's newest connection is open (someone receives its feed)."""
         return all(v.get("holder_open") for v in self.slot_stats().values())
 
+    def open_per_slot(self) -> dict[Slot, int]:
+        """Open WebSocket connections per slot (holders and displaced ones alike)."""
+        counts: Counter[Slot] = Counter()
+        for conn in self.sim.stats()["connections"].values():
+            if conn["open"]:
+                counts[(conn["instance"], conn["event"])] += 1
+        return {slot: counts[slot] for slot in self.slots}
+
     def owners(self, skip: Iterable[str] = ()) -> dict[str, set[str]]:
         """Per running member (but `skip`), the subscriptions it owns (from its /status)."""
         left_out = set(skip)

@@ -120,6 +120,8 @@ def test_every_subscription_is_owned_exactly_once_and_no_slot_flaps(
     assert all(owners[n] for n in NAMES), f"a member owns nothing: {owners}"
     steady(fleet)
     assert fleet.owned_once()
+    extra = {k: n for k, n in fleet.open_per_slot().items() if n != 1}
+    assert not extra, f"slots with other than one open connection: {extra}"
     finish(fleet, client)
     result = compare(fleet.sim, client, fleet.slots)
     assert result.delivered > 0
