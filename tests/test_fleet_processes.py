@@ -10,6 +10,8 @@ Leases are short (lease_ttl 3 s) so that failovers take seconds.
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -274,3 +276,35 @@ def test_redis_restarted_leaves_no_subscription_with_two_owners(
     assert fleet.owned_once()
     statuses = [m.fleet() for m in fleet.members.values()]
     assert all(s.get("redis_ok") for s in statuses), statuses
+
+
+def fleet_cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    config = fleet.members["m1"].config
+    return subprocess.run(
+        [sys.executable, "-m", "forwarder", "fleet", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_forwarder_fleet_drain_hands_a_member_s_share_over_and_cancel_brings_it_back(
+    fleet: Fleet, client: redis.Redis
+) -> None:
+    """`forwarder fleet drain --member m1 --wait`: m1 hands everything over (successors
+    first) and stays up owning nothing; `--cancel`: it takes its share back; 0 lost."""
+    drained = fleet_cli(fleet, "drain", "--member", "m1", "--wait", "30")
+    assert drained.returncode == 0, drained.stderr
+    assert fleet.members["m1"].alive
+    assert fleet.members["m1"].fleet()["draining"] == "drain"
+    poll(lambda: fleet.settled() and not fleet.members["m1"].owned(), SETTLE, "m1 drained")
+    cancelled = fleet_cli(fleet, "drain", "--member", "m1", "--cancel")
+    assert cancelled.returncode == 0, cancelled.stderr
+    poll(functools.partial(settled_with, fleet, "m1"), SETTLE, "m1 back with a share")
+    steady(fleet)
+    finish(fleet, client)
+    result = compare(fleet.sim, client, fleet.slots)
+    assert result.duplicated_total == 0, result.duplicated
+    assert result.lost_total == 0, result.lost
+    assert result.dropped == 0
