@@ -91,6 +91,9 @@ class FleetGlue:
         # Main thread only:
         self._takeovers: dict[Key, Takeover] = {}  # the gap each acquired key opens with
         self._closing: set[Key] = set()  # handed over: report `closed` once stopped
+        # Stopped without a handover (lease deadline, lost): (unix time, reason). If we get
+        # it back with no takeover (our own lease, still in Redis), the gap starts there.
+        self._stopped: dict[Key, tuple[float, str]] = {}
         self._capped: dict[int, SourceConfig] = {}  # id(source) -> source with capped timeout
         self._sources: list[SourceConfig] = []  # keeps the ids above alive
         # A handshake must end before the lease's deadline (may_connect(within=...)); the
@@ -169,6 +172,10 @@ class FleetGlue:
         ended = [r for r in running.values() if r.finished and r.failed is None]
         if not ended:
             return dict(running), []
+        now = time.time()
+        for rules in ended:
+            key = rules.subscription.key
+            self._stopped.setdefault(key, (now, "deadline"))
         return {k: r for k, r in running.items() if not r.finished or r.failed}, ended
 
     def hooks(self, key: Key, resume_from: float | None) -> tuple[float | None, dict[str, Any]]:
@@ -183,10 +190,18 @@ class FleetGlue:
             "on_connected": lambda: _connected(member, key),
         }
         takeover = self._takeovers.pop(key, None)
-        if takeover is None:
-            return None, hooks
-        hooks["resume_cause"] = (takeover.cause, takeover.detail)
-        return takeover.since, hooks
+        stopped = self._stopped.pop(key, None)
+        # Our own lease, still in Redis, taken again after we stopped: no takeover, or a
+        # `reset` guessed from a young epoch (the member cannot tell an adopted lease from a
+        # fresh one); the blind interval is ours, from the stop.
+        if stopped is not None and (takeover is None or takeover.cause == "reset"):
+            at, reason = stopped
+            hooks["resume_cause"] = (reason, f"stopped ({reason}) and acquired again")
+            return at, hooks
+        if takeover is not None:
+            hooks["resume_cause"] = (takeover.cause, takeover.detail)
+            return takeover.since, hooks
+        return None, hooks
 
     # -- directives (main thread) -----------------------------------------------------------------
 
@@ -211,9 +226,13 @@ class FleetGlue:
             elif isinstance(d, CloseHandedOver):
                 self._closing.add(d.key)
                 reconcile = True
-            elif isinstance(d, ConnectAsSuccessor | StopNow):
-                if isinstance(d, StopNow):
-                    log.info("fleet: %s/%s stops (%s)", *d.key, d.reason)
+            elif isinstance(d, ConnectAsSuccessor):
+                self._stopped.pop(d.key, None)  # the holder had the feed
+                reconcile = True
+            elif isinstance(d, StopNow):
+                log.info("fleet: %s/%s stops (%s)", *d.key, d.reason)
+                if d.reason in ("deadline", "lost") and d.key in running:
+                    self._stopped.setdefault(d.key, (time.time(), d.reason))
                 reconcile = True
             elif isinstance(d, Promoted):
                 if d.takeover is not None and d.key in running:

@@ -10,6 +10,7 @@ Leases are short (lease_ttl 3 s) so that failovers take seconds.
 from __future__ import annotations
 
 import functools
+import signal
 import subprocess
 import sys
 import time
@@ -308,3 +309,45 @@ def test_forwarder_fleet_drain_hands_a_member_s_share_over_and_cancel_brings_it_
     assert result.duplicated_total == 0, result.duplicated
     assert result.lost_total == 0, result.lost
     assert result.dropped == 0
+
+
+def test_redis_unreachable_members_keep_until_the_deadline_then_stop_and_resume(
+    fleet: Fleet, fleet_redis: RedisServer, client: redis.Redis
+) -> None:
+    """Redis paused (SIGSTOP) beyond the leases: nothing stops at the first failed round;
+    every subscription stops by its lease's deadline (/readyz 503 says why); once Redis is
+    back they are acquired again, each once, each with a gap record; no duplicate."""
+    assert fleet_redis.proc is not None
+    fleet_redis.signal(signal.SIGSTOP)
+    paused_at = time.monotonic()
+    try:
+        poll(lambda: not fleet.all_held(), LEASE_TTL + 10.0, "a subscription to stop")
+        first_stop = time.monotonic() - paused_at
+        poll(
+            lambda: not any(v.get("holder_open") for v in fleet.slot_stats().values()),
+            LEASE_TTL + 10.0,
+            "every subscription stopped",
+        )
+        code, body = fleet.members["m1"].get("/readyz")
+    finally:
+        fleet_redis.signal(signal.SIGCONT)
+    # The earliest deadline is lease_ttl - margin - renew_interval after the pause (1.4 s).
+    assert first_stop >= 1.0, f"stopped {first_stop:.1f}s after Redis went away"
+    assert code == 503
+    assert "no Redis round trip" in str(body.get("fleet_reason")), body
+    # The first member to reach Redis again may find the others' records expired and take
+    # everything; the others' next heartbeats bring their shares back by handover.
+    poll(
+        lambda: fleet.settled() and all(fleet.owners().values()),
+        SETTLE,
+        "settled after Redis came back, every member with a share",
+    )
+    steady(fleet)
+    finish(fleet, client)
+    # Each gap closes when its subscription is back: `failover` if its lease had run out in
+    # Redis, `deadline` if the member stopped it and then found its own lease still there.
+    causes = ("failover", "deadline")
+    gaps = {(g["source"], g["event"]) for g in gap_records(client) if g["cause"] in causes}
+    assert set(fleet.slots) <= gaps
+    result = compare(fleet.sim, client, fleet.slots)
+    assert result.duplicated_total == 0, result.duplicated
