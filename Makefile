@@ -9,7 +9,7 @@ PY_DIRS := forwarder forwarder_sim tests scripts examples $(wildcard bench)
 PREFIX  ?= /opt/forwarder
 DESTDIR ?=
 
-.PHONY: help run test test-floor check style bench soak clean redis-server test-tools install-dev install uninstall
+.PHONY: help run test test-floor check style bench soak soak-fleet clean redis-server test-tools install-dev install uninstall
 
 help:
 	@echo "make run     start redis, the upstream simulator and forwarder; live view until Ctrl-C"
@@ -19,6 +19,7 @@ help:
 	@echo "make style   apply ruff's fixes and formatting"
 	@echo "make bench   throughput/latency/scale benchmarks (writes bench/results/latest.json)"
 	@echo "make soak    ~10 minutes of traffic with Redis faults; prints sent/written/lost"
+	@echo "make soak-fleet  3 fleet members, a restart or kill every 20 s (SOAK_FLEET_ARGS=--duration 300)"
 	@echo "make install PREFIX=/opt/forwarder DESTDIR=  venv, systemd unit, example config"
 
 $(STAMP): pyproject.toml
@@ -76,6 +77,11 @@ bench: $(STAMP) redis-server
 
 soak: $(STAMP) redis-server
 	$(BIN)/python -m bench.soak
+
+# The fleet variant (`make soak` is the single-process one; run both for a release).
+SOAK_FLEET_ARGS ?=
+soak-fleet: $(STAMP) redis-server
+	$(BIN)/python -m bench.soak_fleet $(SOAK_FLEET_ARGS)
 
 install:
 	PREFIX=$(PREFIX) DESTDIR=$(DESTDIR) PYTHON=$(PYTHON) sh scripts/install.sh

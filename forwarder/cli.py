@@ -197,13 +197,6 @@ def _run(ns: argparse.Namespace, startup: StartupSignals) -> ExitCode:
         setup_logging(config.log_level)
         for warning in config.warnings():
             log.warning("%s", warning)
-        if config.fleet.enabled:
-            # Phase 1 of fleet mode ships the parts (forwarder/fleet/); until the daemon
-            # runs them, a second process would fight this one for every feed.
-            raise ConfigError(
-                "[fleet] enabled = true: fleet mode is not wired into `forwarder run` yet "
-                "(see docs/fleet.md); run a single forwarder with enabled = false"
-            )
         forwarder = Forwarder(
             config,
             notifier=Notifier.from_env(os.environ),

@@ -43,6 +43,7 @@ from forwarder.desired import desired, plan, removed_gap
 from forwarder.discovery import DiscoveryCollector, DiscoveryPoller, Fetcher
 from forwarder.engine import Engine
 from forwarder.errors import ConfigError, ExitCode
+from forwarder.fleet_glue import FleetGlue
 from forwarder.handshake import Connector, websocket_connect
 from forwarder.http import HttpServer
 from forwarder.lastseen import SAVE_INTERVAL, LastSeen, Marks
@@ -118,7 +119,9 @@ class Forwarder:
         # Indexed like the spool's routes. Read by the writer, /metrics and /status on other
         # threads: replaced by a longer copy when routes are added, never grown in place.
         self.stats: list[SubscriptionStats] = [
-            SubscriptionStats(r.source, r.event, r.stream, configured=i < len(routes))
+            SubscriptionStats(
+                r.source, r.event, r.stream, configured=i < len(routes) and not config.fleet.enabled
+            )
             for i, r in enumerate(self.spool.routes)
         ]
         self.lastseen = LastSeen(config.spool.dir)
@@ -181,6 +184,19 @@ class Forwarder:
             config.discovery, self._discovery_changed, fetch or fetch_listing
         )
         self.registry.register(DiscoveryCollector(self.discovery))
+        # Fleet mode (fleet_glue.py): only what this member holds a lease for runs.
+        self.fleet = (
+            FleetGlue(
+                config,
+                self.registry,
+                self.spool,
+                self.engine,
+                lambda: self._running,
+                self._fleet_apply,
+            )
+            if config.fleet.enabled
+            else None
+        )
         self._status_report = StatusReport(
             lambda: self.stats,
             self.spool,
@@ -190,7 +206,9 @@ class Forwarder:
             redact_url(config.redis.url),
             str(config.spool.dir),
             self._started_at,
-            sections={"discovery": self.discovery.status},
+            sections={"discovery": self.discovery.status}
+            | ({"fleet": self.fleet.member.status} if self.fleet else {}),
+            row_extra=self.fleet.role_of if self.fleet else None,
             redis_extra=lambda: {
                 **self.target.describe(),  # topology, current master(s)
                 "replayed": self.writer_stats.replayed,
@@ -237,7 +255,9 @@ class Forwarder:
             # or an upstream outage would become a start-up timeout and a restart loop.
             self.notifier.ready()
             watchdog_at = 0.0
-            while not self.stop_event.wait(1.0):
+            while not self._pause(1.0):
+                if self.fleet is not None:
+                    self.fleet.turn()
                 if self._reload_requested:
                     self._reload_requested = False
                     self.reload()
@@ -262,6 +282,19 @@ class Forwarder:
             os._exit(ExitCode.FORCED)
         self._signalled = True
         self.stop_event.set()
+        if self.fleet is not None:
+            self.fleet.wake()
+
+    def _pause(self, timeout: float) -> bool:
+        """The main loop's wait; in fleet mode directives end it early. True: stop."""
+        if self.fleet is None:
+            return self.stop_event.wait(timeout)
+        self.fleet.wait(timeout)
+        return self.stop_event.is_set()
+
+    def _fleet_apply(self) -> None:
+        with self._apply_lock:
+            self._apply(self.config, "no longer a fleet candidate")
 
     def _on_reload_signal(self, signum: int, frame: FrameType | None) -> None:
         self._reload_requested = True  # the main loop reloads within a second
@@ -286,7 +319,7 @@ class Forwarder:
             self.notifier.ready()
             return False
         old = self.config
-        for name in ("redis", "metrics", "spool", "consumers", "io"):
+        for name in ("redis", "metrics", "spool", "consumers", "io", "fleet"):
             if getattr(old, name) != getattr(new, name):
                 log.warning("reload: [%s] changed; that takes effect after a restart", name)
         try:
@@ -306,6 +339,7 @@ class Forwarder:
                 spool=old.spool,
                 consumers=old.consumers,
                 io=old.io,
+                fleet=old.fleet,
             )
         self._frozen = False  # the new subscriptions' state: freeze again once settled
         self._freeze_by = time.monotonic() + FREEZE_AFTER
@@ -338,9 +372,12 @@ class Forwarder:
         result = desired(config, self.discovery.discovered())
         self.discovery.refused(result.refused)
         wanted = result.subscriptions
-        running = self._running
+        running, ended = self._running, list[SubscriptionRules]()
+        if self.fleet is not None:  # only ours; those stopped at their lease deadline end
+            wanted = self.fleet.runnable(wanted)
+            running, ended = self.fleet.split_finished(running)
         steps = plan({k: r.subscription for k, r in running.items()}, wanted)
-        leaving = [running[k] for k in steps.stop]
+        leaving = [running[k] for k in steps.stop] + ended
         # Out of the running set first: /healthz must not take one stopping on purpose for
         # a dead one.
         self._running = {k: running[k] for k in steps.keep}
@@ -349,7 +386,7 @@ class Forwarder:
         for rules in leaving:
             stats[rules.index].configured = False
         now = time.time()
-        for key in steps.gone:
+        for key in (k for k in steps.gone if k not in result.subscriptions):
             entry = removed_gap(running[key].index, now, why_removed)
             if not self.spool.append([entry], entry_size(entry)):
                 log.warning("%s/%s: the spool refused its `removed` gap record", *key)
@@ -363,16 +400,13 @@ class Forwarder:
             added.append((sub.key, index, sub))
         self.stats = stats  # published before any subscription can spool under a new index
         resume, self._resume = self._resume, {}
-        started = {
-            key: self.engine.add(
-                index,
-                sub,
-                stats[index],
-                ReconnectBackoff(sub.source.backoff, self._rand),
-                resume.get(key),
-            )
-            for key, index, sub in added
-        }
+        started = {}
+        for key, index, sub in added:
+            resume_from, hooks = resume.get(key), dict[str, Any]()
+            if self.fleet is not None:  # a takeover's gap, not the restart's; lease hooks
+                resume_from, hooks = self.fleet.hooks(key, resume_from)
+            backoff = ReconnectBackoff(sub.source.backoff, self._rand)
+            started[key] = self.engine.add(index, sub, stats[index], backoff, resume_from, **hooks)
         kept = self._running
         # The desired set's order, kept ones where they were.
         self._running = {k: kept.get(k) or started[k] for k in wanted if k in kept or k in started}
@@ -393,6 +427,8 @@ class Forwarder:
         self.writer.start()
         self.consumers.start()
         self.engine.start()
+        if self.fleet is not None:
+            self.fleet.start()
         with self._apply_lock:
             self._apply(self.config, "removed from the configuration")
         self.discovery.start()  # the first poll at once: instances subscribe within it
@@ -420,6 +456,10 @@ class Forwarder:
         self.discovery.join(0.5)
         with self._apply_lock:
             pass
+        # 0a. Fleet mode: hand every subscription over (successors connect first, then ours
+        #     close), at most half of shutdown_timeout; then leave the group.
+        if self.fleet is not None:
+            self.fleet.drain()
         # 0b. Consumer-group monitor: no new rounds, so the drain below has Redis to itself.
         self.consumers.stop()
         # 1. Subscriptions: no new connections; close frames on every connection, read until
@@ -520,6 +560,8 @@ class Forwarder:
             failed.append("consumers")
         if self.spool.failed is not None:
             failed.append("spool-fsync")
+        if self.fleet is not None and self.fleet.failed():
+            failed.append("fleet")
         return failed
 
     # -- health, readiness, status (called from HTTP threads) --------------------------------
@@ -533,6 +575,8 @@ class Forwarder:
                 dead.append("redis-writer")
             if not self.consumers.is_alive():
                 dead.append("consumers")
+            if self.fleet is not None and not self.fleet.alive():
+                dead.append("fleet")
         return not dead, {"healthy": not dead, "dead_threads": sorted(set(dead))}
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
@@ -559,8 +603,10 @@ class Forwarder:
         waiting = self.discovery.never_listed()
         consumers_ok, consumers_error = self.consumers.readiness()
         spool_problem = self.spool.problem()
+        fleet_ok, fleet_reason = self.fleet.health() if self.fleet else (True, None)
         ok = (
-            redis_ok
+            fleet_ok
+            and redis_ok
             and enough
             and not waiting
             and consumers_ok
@@ -579,6 +625,7 @@ class Forwarder:
             "subscriptions": total,
             "min_connected_ratio": self.config.metrics.ready_min_connected,
             "stopping": self._stopping,
+            **({"fleet_ok": fleet_ok, "fleet_reason": fleet_reason} if self.fleet else {}),
         }
 
     def _redis_reason(self, last_ok: float | None) -> str:

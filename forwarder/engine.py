@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from forwarder.actions import SYSTEM_CLOCK, Clock
 from forwarder.backoff import AttemptLimiter, ReconnectBackoff
@@ -98,8 +99,12 @@ class Engine:
         stats: SubscriptionStats,
         backoff: ReconnectBackoff,
         resume_from: float | None = None,
+        **fleet: Any,
     ) -> SubscriptionRules:
-        """Start a subscription on the least loaded loop; returns its rules (read-only here)."""
+        """Start a subscription on the least loaded loop; returns its rules (read-only here).
+
+        `fleet`: fleet mode's hooks, passed to SubscriptionRules (may_connect, lease_deadline,
+        on_connected, resume_cause)."""
         n = min(range(len(self.loops)), key=self._load.__getitem__)
         loop = self.loops[n]
         rules = SubscriptionRules(
@@ -111,6 +116,7 @@ class Engine:
             clock=self._clock,
             token_expiry=self._tokens.reader(subscription.source),
             resume_from=resume_from,
+            **fleet,
         )
         self._load[n] += 1
         self._where[rules] = n
@@ -137,6 +143,13 @@ class Engine:
         for n, targets in by_loop.items():
             self.loops[n].abort_subscriptions(targets)
         done.wait(1.0)
+
+    def call(self, rules: SubscriptionRules, fn: Callable[[], None]) -> None:
+        """Run `fn` (an input of `rules`, e.g. `rules.permission_changed`) on the loop that
+        owns them, and carry out what they ask for. Any thread; never blocks."""
+        n = self._where.get(rules)
+        if n is not None:
+            self.loops[n].input(rules, fn)
 
     def shutdown(self, deadline: float) -> None:
         """Stop everything: no new handshakes, close frames on every connection and their

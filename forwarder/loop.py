@@ -14,8 +14,8 @@ already inside OpenSSL (`pending()`) are read without waiting for the selector. 
 close is the same for both: our close frame, then reading until the server's echo.
 
 Threads: everything here runs on the loop's thread, except the methods documented as
-thread-safe (`call`, `add`, `stop_subscriptions`, `abort_subscriptions`, `shutdown`, `force`),
-which only queue a function for the loop and wake it through a socket pair.
+thread-safe (`call`, `add`, `input`, `stop_subscriptions`, `abort_subscriptions`, `shutdown`,
+`force`), which only queue a function for the loop and wake it through a socket pair.
 """
 
 from __future__ import annotations
@@ -175,6 +175,10 @@ class IOLoop:
         """Stop these subscriptions politely; `done` is told once per finished one."""
         targets = list(rules)
         self.call(lambda: self._stop(targets, done))
+
+    def input(self, rules: SubscriptionRules, fn: Callable[[], None]) -> None:
+        """Give `rules` the input `fn` on the loop thread (ignored once they finished)."""
+        self.call(lambda: self._input(self._subs[rules], fn) if rules in self._subs else None)
 
     def abort_subscriptions(self, rules: Iterable[SubscriptionRules]) -> None:
         """Release these subscriptions' sockets at once."""

@@ -59,8 +59,10 @@ class StatusReport:
         clock: Callable[[], float] = time.time,
         sections: Mapping[str, Callable[[], Any]] | None = None,
         redis_extra: Callable[[], dict[str, Any]] | None = None,
+        row_extra: Callable[[str, str], dict[str, Any]] | None = None,
     ) -> None:
         self._redis_extra = redis_extra or dict
+        self._row_extra = row_extra  # more fields per row, by (source, event): fleet_role
         self._subscriptions = subscriptions
         # Other components' own sections ("discovery", ...), each built by its owner.
         self._sections = dict(sections or {})
@@ -92,18 +94,26 @@ class StatusReport:
         doc = self._header(now)
         doc.update(_summary(subs, self._by_event(subs), found, sick, pending))
         doc["unhealthy"] = [
-            row(subs[i], found[i], pending[i], now) for i in sick[:UNHEALTHY_ROWS_MAX]
+            self._row(subs[i], found[i], pending[i], now) for i in sick[:UNHEALTHY_ROWS_MAX]
         ]
         doc["unhealthy_truncated"] = len(sick) > UNHEALTHY_ROWS_MAX
         if wanted:
             doc["filters"] = {key: sorted(values) for key, values in wanted.items()}
         if wanted or len(subs) <= ALL_ROWS_UP_TO:
             doc["subscriptions"] = [
-                row(s, found[i], pending[i], now)
+                self._row(s, found[i], pending[i], now)
                 for i, s in enumerate(subs)
                 if _matches(s, found[i], wanted)
             ]
         return 200, doc
+
+    def _row(
+        self, s: SubscriptionStats, problems: tuple[str, ...], pending: int, now: float
+    ) -> dict[str, Any]:
+        doc = row(s, problems, pending, now)
+        if self._row_extra is not None:
+            doc.update(self._row_extra(s.source, s.event))
+        return doc
 
     def _header(self, now: float) -> dict[str, Any]:
         spool = self._spool

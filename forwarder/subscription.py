@@ -74,12 +74,19 @@ class SubscriptionRules:
         may_connect: Callable[[], bool] = lambda: True,
         resume_from: float | None = None,
         mask: Callable[[], bytes] = random_mask,
+        resume_cause: tuple[str, str] = ("restart", "forwarder was not running"),
+        lease_deadline: Callable[[], float] = lambda: math.inf,
+        on_connected: Callable[[], None] = lambda: None,
     ) -> None:
         """`index`: the subscription's route in the spool. `token_expiry`: the current token's
         exp claim (may raise ConfigError). `may_connect`: asked before every connection
         attempt (fleet mode: does this process own the subscription?). `resume_from`: unix
         time up to which the previous run of forwarder accounted for this subscription; its
-        first connection then closes a gap with cause `restart`."""
+        first connection then closes a gap with cause `restart` (fleet mode: `resume_cause`,
+        e.g. `failover` from the dead member's last heartbeat). Fleet mode also passes
+        `lease_deadline` (monotonic time by which the subscription must stop unless renewed,
+        read on this loop's clock, so the stop needs no other thread) and `on_connected`
+        (called after every successful handshake)."""
         self.index = index
         self.subscription = subscription
         self.stats = stats
@@ -97,6 +104,10 @@ class SubscriptionRules:
         self._clock = clock
         self._may_connect = may_connect
         self._resume_from = resume_from
+        self._resume_cause = resume_cause
+        self._lease_deadline = lease_deadline
+        self._on_connected = on_connected
+        self._forced_resubscribe = math.inf  # resubscribe_at(): monotonic time, inf: none
         # Not self.actions.append: the loop replaces the list each time it takes the actions.
         self._links = LinkSet(self._source, lambda a: self.actions.append(a), mask)  # noqa: PLW0108
         self._current: Link | None = None  # the connection being read (drained at a switch)
@@ -118,7 +129,7 @@ class SubscriptionRules:
         restart of forwarder)."""
         wall = self._clock.wall()
         if self._resume_from is not None:
-            self._gaps.open(min(self._resume_from, wall), "restart", "forwarder was not running")
+            self._gaps.open(min(self._resume_from, wall), *self._resume_cause)
         else:
             self._gaps.open(wall, "startup", "not connected yet")
         self._attempt()
@@ -147,15 +158,27 @@ class SubscriptionRules:
         self._maybe_finish()
 
     def permission_changed(self) -> None:
-        """`may_connect` may answer differently now: connect, or leave the feed politely."""
+        """`may_connect` may answer differently now: connect if allowed and not connected.
+
+        A refusal never closes the current connection: in fleet mode `may_connect` is also
+        false while a planned move is pending, and the holder keeps reading until its
+        successor is up ("no new attempt"). Leaving the feed is `stop()` ("close now")."""
         if self._stopping or self.finished:
             return
         if self._may_connect():
             idle = self._current is None and self._pending is None
             if idle and self._reconnects.retry_at is None:
                 self._attempt()
-        elif self._current is not None:
-            self._links.close(self._current, 1000, self._clock.monotonic())
+
+    def resubscribe_at(self, when: float) -> None:
+        """A make-before-break re-subscribe at monotonic time `when` (fleet mode: a called-off
+        handover whose successor may have taken the feed); a plain attempt if not connected."""
+        if self._stopping or self.finished:
+            return
+        if self._current is None:
+            self.permission_changed()
+            return
+        self._forced_resubscribe = min(self._forced_resubscribe, when)
 
     # -- connecting -----------------------------------------------------------------------------
 
@@ -182,6 +205,7 @@ class SubscriptionRules:
         now = self._clock.monotonic()
         wall = self._clock.wall()
         self._expiry.token_used(token_expires_at, now, wall)
+        self._on_connected()
         link = self._links.open(link_id, now, wall)
         old = self._current
         if self._mbb.reason is not None and old is not None:
@@ -288,14 +312,23 @@ class SubscriptionRules:
             due = retry_at
         current = self._current
         if current is not None and self._idle(current):
-            due = min(due, self._mbb.due(current)[1], self._expiry.next_check)
-        return due
+            due = min(
+                due, self._mbb.due(current)[1], self._expiry.next_check, self._forced_resubscribe
+            )
+        lease = self._lease_deadline()
+        return lease if lease < due and not self._stopping else due
 
     def tick(self) -> None:
         if self.finished:
             return
         now = self._clock.monotonic()
         wall = self._clock.wall()
+        if not self._stopping and now >= self._lease_deadline():
+            # Fleet mode: our lease may expire in Redis from here on and another member may
+            # take the feed; stop by our own clock, whatever the fleet thread is doing.
+            log.warning("%s: the fleet lease reached its deadline: stopping", self.name)
+            self.stop()
+            return
         if self._reconnects.due(now):
             self._attempt()
         for link, end in self._links.due(now, wall):
@@ -304,7 +337,11 @@ class SubscriptionRules:
         if current is None or not self._idle(current):
             return
         reason, due = self._mbb.due(current)
+        if self._forced_resubscribe <= due:
+            reason, due = "fleet", self._forced_resubscribe
         if reason is not None and now >= due and self._may_connect():
+            if reason == "fleet":
+                self._forced_resubscribe = math.inf
             self._mbb.begin(reason)
             self._connect()
         elif now >= self._expiry.next_check:

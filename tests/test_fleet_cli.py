@@ -188,12 +188,3 @@ def test_a_bad_configuration_is_exit_code_2(
     path = write_config(tmp_path, "redis://127.0.0.1:1/0", fleet="max_handovers = 0")
     assert main(["fleet", "status", "--config", str(path)]) == ExitCode.CONFIG
     assert "fleet.max_handovers must be at least 1" in capsys.readouterr().err
-
-
-def test_forwarder_run_refuses_fleet_mode_until_it_is_wired(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """Phase 1: `forwarder run` with [fleet] enabled exits 2 instead of running unfenced."""
-    path = write_config(tmp_path, "redis://127.0.0.1:1/0")
-    assert main(["run", "--config", str(path)]) == ExitCode.CONFIG
-    assert "fleet mode is not wired into `forwarder run` yet" in capsys.readouterr().err

@@ -18,7 +18,7 @@ from forwarder.fleet.directives import Acquired, ConnectAsSuccessor, Resubscribe
 from forwarder.fleet.keys import sub_id
 from forwarder.fleet.member import FleetMember
 from forwarder.fleet.runner import FleetThread
-from tests.fleet_harness import CONFIG, World, alone, keys, owners
+from tests.fleet_harness import CONFIG, Obedient, World, alone, keys, owners
 from tests.fleet_model import ModelStore
 
 
@@ -118,6 +118,36 @@ def test_holder_death_fails_over_within_the_ttl_with_a_gap_record(world: World) 
         assert takeover.since == pytest.approx(last_beat, abs=0.001)
         assert world.upstream.feed(key) == "b"
     assert b.stats.acquisitions["failover"] == len(a_keys)
+
+
+def test_a_failover_gap_starts_before_a_restarted_namesake_beat(world: World) -> None:
+    """kill -9, then a new process under the same name at once: the heartbeats are kept by
+    name, so the gap must not start at the new process's beats but before the death."""
+    world.add("a")
+    world.add("b")
+    world.settle()
+    a_keys = world.members["a"].owned()
+    assert a_keys
+    last_beat = world.redis.registry["a"] / 1000.0
+    world.daemons["a"].die()
+    again = FleetMember(CONFIG, world.clock, name="a", incarnation="a-2")
+    again.set_candidates(world.candidates)
+    world.members["a"] = again
+    world.stores["a"] = ModelStore(world.redis, CONFIG)
+    world.threads["a"] = FleetThread(again, world.stores["a"])
+    world.daemons["a"] = Obedient(again, world.upstream)
+    for _ in range(40):
+        world.step(0.5)
+        if all(world.owner_of(k) for k in a_keys):
+            break
+    takeovers = {**world.daemons["a"].takeovers, **world.daemons["b"].takeovers}
+    assert a_keys <= set(takeovers)
+    for key in a_keys:
+        takeover = takeovers[key]
+        assert takeover is not None
+        assert takeover.cause == "failover"
+        assert takeover.since <= last_beat + 0.001
+        assert takeover.since >= last_beat - CONFIG.renew_interval - 0.001
 
 
 def test_a_paused_member_stops_by_its_own_clock_and_does_not_steal_back(world: World) -> None:

@@ -12,7 +12,7 @@ import base64
 import json
 import logging
 import uuid
-from typing import cast
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -110,6 +110,7 @@ class Harness:
         may_connect: bool = True,
         token_expiry: float | None = None,
         event: str = UP,
+        **fleet: Any,
     ) -> None:
         self.src = src or source()
         self.clock = FakeClock()
@@ -128,6 +129,7 @@ class Harness:
             token_expiry=lambda: self.token_exp,
             may_connect=lambda: self.allowed,
             resume_from=resume_from,
+            **fleet,
         )
         self.connects: list[int] = []  # Connect actions not answered yet
         self.listening: set[int] = set()
@@ -760,7 +762,7 @@ def test_token_expiry_is_warned_once_per_source_ahead_and_once_when_past(
 
 def test_may_connect_false_holds_every_attempt_until_permission_returns() -> None:
     """Not permitted: no Connect; permitted again: one at once; revoked while connected: the
-    connection is closed politely."""
+    connection stays (a pending fleet handover), but once it ends there is no new attempt."""
     h = Harness(may_connect=False)
     h.start()
     assert h.connects == []
@@ -773,10 +775,75 @@ def test_may_connect_false_holds_every_attempt_until_permission_returns() -> Non
     h.allowed = False
     h.rules.permission_changed()
     h.run()
-    assert h.sent(link) == [(Opcode.CLOSE, (1000).to_bytes(2, "big"))]
-    h.feed(link, ECHO_1000)
+    assert h.sent(link) == []
+    h.feed(link, frames_of(1, 2))
+    assert h.frames() == [1, 2]
+    h.eof(link)
     h.advance(60_000)
     assert h.connects == []
+    h.allowed = True
+    h.rules.permission_changed()
+    h.run()
+    assert len(h.connects) == 1
+
+
+def test_the_fleet_lease_deadline_stops_the_subscription_on_the_loops_clock() -> None:
+    """Fleet mode: at `lease_deadline` (monotonic) the connection is closed politely and no
+    attempt follows, whatever the fleet thread does; frames before the echo are kept."""
+    deadline = [5.0]
+    h = Harness(lease_deadline=lambda: deadline[0])
+    h.start()
+    link = h.accept()
+    h.advance(4_000)
+    assert h.sent(link) == []
+    deadline[0] = 8.0  # renewed
+    h.advance(3_999)
+    assert not h.finished()
+    assert (Opcode.CLOSE, (1001).to_bytes(2, "big")) not in h.sent(link)
+    h.advance(1)
+    assert (Opcode.CLOSE, (1001).to_bytes(2, "big")) in h.sent(link)
+    h.feed(link, frames_of(7) + ECHO_1000)
+    assert h.frames() == [7]
+    assert h.finished()
+    h.advance(60_000)
+    assert h.connects == []
+
+
+def test_a_takeover_gap_has_the_cause_it_was_given() -> None:
+    """resume_from with a fleet cause: the first connection closes a `failover` gap from the
+    dead member's last heartbeat; each successful handshake is reported."""
+    reports: list[int] = []
+    h = Harness(
+        resume_from=BASE - 4.0,
+        resume_cause=("failover", "the lease of m1 ran out"),
+        on_connected=lambda: reports.append(1),
+    )
+    h.start()
+    h.accept()
+    (gap,) = h.gaps()
+    assert (gap["cause"], gap["detail"]) == ("failover", "the lease of m1 ran out")
+    assert (gap["start"], gap["end"]) == (int((BASE - 4.0) * 1000), ms(0))
+    assert reports == [1]
+
+
+def test_resubscribe_at_opens_a_new_connection_before_closing_the_old_one() -> None:
+    """A fleet re-subscribe (a called-off handover): at the given time a new connection is
+    asked for while the old one is read; once it is up the old one is closed and drained."""
+    h = Harness()
+    h.start()
+    old = h.accept()
+    h.rules.resubscribe_at(3.0)
+    h.advance(2_999)
+    assert h.connects == []
+    h.advance(1)
+    assert len(h.connects) == 1
+    h.feed(old, frames_of(1))
+    new = h.accept()
+    assert (Opcode.CLOSE, (1000).to_bytes(2, "big")) in h.sent(old)
+    h.feed(old, frames_of(2) + ECHO_1000)
+    h.feed(new, frames_of(3))
+    assert h.frames() == [1, 2, 3]
+    assert h.stats.resubscribes.get("fleet") == 1
 
 
 # -- any input --------------------------------------------------------------------------------

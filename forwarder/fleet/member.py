@@ -470,6 +470,19 @@ class FleetMember:
             )
         beat = previous.last_beat_ms
         since = beat / 1000.0 if beat is not None else wall - self.config.lease_ttl
+        # The heartbeats are kept by name: once a new process took the name (a restart after
+        # kill -9), the last beat is that process's, later than the death. The dead one
+        # beat last at most renew_interval before the new one started.
+        if previous.token.incarnation == self.incarnation:
+            started: float | None = None
+        elif member == self.name:
+            started = self._started_at
+        else:
+            live = self._view.live.get(member)
+            renamed = live is not None and live.record.incarnation != previous.token.incarnation
+            started = live.record.started_at if live is not None and renamed else None
+        if started is not None:
+            since = min(since, started - self.config.renew_interval)
         return Takeover("failover", min(since, wall), member, f"the lease of {member} ran out")
 
     def _succeeded(self) -> None:
