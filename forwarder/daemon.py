@@ -37,6 +37,7 @@ import redis
 
 from forwarder import __version__
 from forwarder.backoff import ReconnectBackoff
+from forwarder.checks import REDIS_READY_AGE, Checks
 from forwarder.config import Config, Subscription, redact_url
 from forwarder.consumers import ConsumerCollector, build_monitor
 from forwarder.desired import desired, plan, removed_gap
@@ -50,16 +51,15 @@ from forwarder.lastseen import SAVE_INTERVAL, LastSeen, Marks
 from forwarder.limits import fds_needed, raise_fd_limit
 from forwarder.link import CLOSE_ECHO_TIMEOUT
 from forwarder.listing import fetch_listing
-from forwarder.logs import redact
 from forwarder.metrics import ForwarderCollector, build_registry, source_labelled
 from forwarder.notify import Notifier, format_status
 from forwarder.problems import HealthPolicy, ProblemFinder
 from forwarder.redis_target import RedisTarget, make_target
 from forwarder.retention import writer_config
 from forwarder.signals import StartupSignals
-from forwarder.sink import IDLE_PING_SECONDS, RedisWriter
+from forwarder.sink import RedisWriter
 from forwarder.spool import DiskSpool, Route, entry_size
-from forwarder.stats import State, SubscriptionStats, WriterStats
+from forwarder.stats import SubscriptionStats, WriterStats
 from forwarder.status import StatusReport
 from forwarder.subscription import SubscriptionRules
 
@@ -73,11 +73,6 @@ HANDLED_SIGNALS = (
 RELOAD_SIGNAL = signal.SIGHUP  # systemctl reload (ExecReload=kill -HUP)
 STATUS_INTERVAL = 2.0  # seconds between two STATUS= lines for systemd (if changed)
 FREEZE_AFTER = 120.0  # seconds after a start or reload to freeze the GC even if not all connected
-# Redis must have answered within this many seconds for /readyz.
-REDIS_READY_AGE = 3 * IDLE_PING_SECONDS
-# The writer loop turns at least every IDLE_PING_SECONDS (and every second while retrying);
-# this long without a turn means it is wedged, and systemd should restart us.
-WRITER_STALL_SECONDS = 4 * IDLE_PING_SECONDS
 
 
 class Forwarder:
@@ -137,8 +132,6 @@ class Forwarder:
         self._signalled = False
         self._started_at = time.time()
         self._stopping = False
-        self._writer_progress = -1  # last seen RedisWriter.progress, and when it changed
-        self._writer_progress_at = time.monotonic()
         self.engine = Engine(config.io, self.spool, connect)
         # What runs, by (source, event): replaced whole by _apply, read anywhere.
         self._running: dict[tuple[str, str], SubscriptionRules] = {}
@@ -196,6 +189,19 @@ class Forwarder:
             )
             if config.fleet.enabled
             else None
+        )
+        self.checks = Checks(
+            config,
+            writer=self.writer,
+            writer_stats=self.writer_stats,
+            engine=self.engine,
+            spool=self.spool,
+            discovery=self.discovery,
+            consumers=self.consumers,
+            fleet=self.fleet,
+            stats=lambda: self.stats,
+            running=lambda: len(self._running),
+            stopping=lambda: self._stopping,
         )
         self._status_report = StatusReport(
             lambda: self.stats,
@@ -265,7 +271,11 @@ class Forwarder:
                 self._periodic(time.monotonic())
                 now = time.monotonic()
                 every = self._watchdog_every
-                if every is not None and now - watchdog_at >= every and self._progressing(now):
+                if (
+                    every is not None
+                    and now - watchdog_at >= every
+                    and self.checks.progressing(now)
+                ):
                     self.notifier.watchdog()
                     watchdog_at = now
             self.notifier.stopping()
@@ -484,7 +494,7 @@ class Forwarder:
         self.http.join(1.0)
         # 6. Redis connections.
         self.target.close()
-        failed = self._failed_threads()
+        failed = self.checks.failed_threads()
         if pending:
             log.warning(
                 "stopped with %d frames in the spool (%s): they are written after the next start",
@@ -532,114 +542,21 @@ class Forwarder:
             (time.monotonic() - started) * 1000,
         )
 
-    def _progressing(self, now: float) -> bool:
-        """Evidence for WATCHDOG=1: no thread died, the loops run, the writer loop turns."""
-        if self._failed_threads() or not self.writer.is_alive():
-            return False
-        if self.engine.dead():
-            return False
-        progress = self.writer.progress
-        if progress != self._writer_progress:
-            self._writer_progress = progress
-            self._writer_progress_at = now
-        return now - self._writer_progress_at < WRITER_STALL_SECONDS
-
     def _watch(self) -> None:
-        failed = self._failed_threads()
+        failed = self.checks.failed_threads()
         if failed:
             log.error("threads died (%s): stopping so that systemd restarts us", ", ".join(failed))
             self.stop_event.set()
 
-    def _failed_threads(self) -> list[str]:
-        failed = self.engine.failures()  # crashed subscriptions, loops and workers
-        if self.writer.failed is not None:
-            failed.append("redis-writer")
-        if self.discovery.failed is not None:
-            failed.append("discovery")
-        if self.consumers.failed is not None:
-            failed.append("consumers")
-        if self.spool.failed is not None:
-            failed.append("spool-fsync")
-        if self.fleet is not None and self.fleet.failed():
-            failed.append("fleet")
-        return failed
-
     # -- health, readiness, status (called from HTTP threads) --------------------------------
 
     def health(self) -> tuple[bool, dict[str, Any]]:
-        """Healthy while every thread that should run is running."""
-        dead = self._failed_threads()
-        if not self._stopping:
-            dead += self.engine.dead()
-            if not self.writer.is_alive():
-                dead.append("redis-writer")
-            if not self.consumers.is_alive():
-                dead.append("consumers")
-            if self.fleet is not None and not self.fleet.alive():
-                dead.append("fleet")
-        return not dead, {"healthy": not dead, "dead_threads": sorted(set(dead))}
+        """/healthz: every thread that should run is running (checks.py)."""
+        return self.checks.health()
 
     def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Ready when Redis takes our writes and enough subscriptions are connected.
-
-        Policy: Redis answered the writer within REDIS_READY_AGE seconds and is not refusing
-        writes for a configuration error (NOPERM, WRONGTYPE), at least
-        `metrics.ready_min_connected` (a fraction, default 1.0 = all) of the subscriptions
-        are connected, the spool can write to its disk (and lost nothing in the last minute),
-        and the daemon is not shutting down.
-        """
-        last_ok = self.writer_stats.last_ok_at
-        redis_ok = (
-            last_ok is not None
-            and time.monotonic() - last_ok <= REDIS_READY_AGE
-            and self.writer_stats.config_error is None
-        )
-        # In C (attrgetter, list.count): called every STATUS_INTERVAL over 10,000 stats.
-        connected = list(map(_state, self.stats)).count(State.CONNECTED)
-        total = len(self._running)
-        enough = connected >= self.config.metrics.ready_min_connected * total
-        # Until each [[discovery]] table has had one believed listing we do not know what to
-        # subscribe to; later failures keep the last set running (the alert rule covers them).
-        waiting = self.discovery.never_listed()
-        consumers_ok, consumers_error = self.consumers.readiness()
-        spool_problem = self.spool.problem()
-        fleet_ok, fleet_reason = self.fleet.health() if self.fleet else (True, None)
-        ok = (
-            fleet_ok
-            and redis_ok
-            and enough
-            and not waiting
-            and consumers_ok
-            and spool_problem is None
-            and not self._stopping
-        )
-        return ok, {
-            "ready": ok,
-            "redis_ok": redis_ok,
-            "redis_reason": None if redis_ok else self._redis_reason(last_ok),
-            "spool_ok": spool_problem is None,
-            "spool_problem": spool_problem,
-            "discovery_waiting_for_first_listing": waiting,
-            "consumers_error": redact(consumers_error) if consumers_error else None,
-            "connected": connected,
-            "subscriptions": total,
-            "min_connected_ratio": self.config.metrics.ready_min_connected,
-            "stopping": self._stopping,
-            **({"fleet_ok": fleet_ok, "fleet_reason": fleet_reason} if self.fleet else {}),
-        }
-
-    def _redis_reason(self, last_ok: float | None) -> str:
-        """Why Redis does not count as taking our writes (for /readyz), redacted."""
-        stats = self.writer_stats
-        if stats.config_error is not None:
-            return redact(stats.config_error)
-        if last_ok is None:
-            return "no answer from Redis yet" + (
-                f" (last error: {redact(stats.last_error)})" if stats.last_error else ""
-            )
-        return f"no answer from Redis for {REDIS_READY_AGE:.0f}s" + (
-            f" (last error: {redact(stats.last_error)})" if stats.last_error else ""
-        )
+        """/readyz: Redis takes our writes, enough subscriptions are connected (checks.py)."""
+        return self.checks.ready()
 
     def status(
         self, query: Mapping[str, Sequence[str]] | None = None
