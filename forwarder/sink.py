@@ -48,7 +48,7 @@ from forwarder.script import (
 )
 from forwarder.spool import GAP, Batch, DiskSpool, Entry
 from forwarder.stats import SubscriptionStats, WriterStats
-from forwarder.window import Window
+from forwarder.window import Window, disjoint_run
 
 __all__ = ["IDLE_PING_SECONDS", "RedisWriter", "dead_letter_fields", "error_kind", "gap_fields"]
 
@@ -208,14 +208,15 @@ class RedisWriter:
                 timeout = 0.0 if self._stopping.is_set() else IDLE_PING_SECONDS
                 limit = self._pacer.limit
                 windowed = self._windowed()
-                batch = self._spool.peek(2 * limit if windowed else limit, timeout)
+                # A window looks a little past the batch for a run it may send second.
+                probe = max(WINDOW_MIN_ENTRIES, limit // 8) if windowed else 0
+                batch = self._spool.peek(limit + probe, timeout)
                 if not batch:
                     if self._stopping.is_set():
                         return
                     self._idle_ping()
                     continue
-                if windowed and len(batch) >= 2 * WINDOW_MIN_ENTRIES:
-                    self._window(batch, limit)
+                if windowed and len(batch) >= 2 * WINDOW_MIN_ENTRIES and self._window(batch, limit):
                     continue
                 batch = batch[:limit]
                 self._serial_next = False
@@ -244,25 +245,33 @@ class RedisWriter:
             or not self._pacer.normal()
         )
 
-    def _window(self, batch: Batch, limit: int) -> None:
-        """Write from the head of `batch` (a peek of up to 2 x `limit`) with two calls in
-        flight; on anything but clean replies, the next turn writes one call at a time."""
-        first = batch[: min(limit, (len(batch) + 1) // 2)]
+    def _window(self, batch: Batch, limit: int) -> bool:
+        """Write from the head of `batch` (a peek of a little more than `limit`) with two
+        calls in flight; on anything but clean replies, the next turn writes one call at a
+        time. False: nothing could go second (one busy stream): write it the usual way."""
+        first, rest = batch[:limit], batch[limit:]
+        routes = self._spool.routes
+        if not rest:  # it all fits one call: halve it if the halves can go in parallel
+            half = (len(batch) + 1) // 2
+            first, rest = batch[:half], batch[half:]
+        if not disjoint_run(routes, first, rest, 1):
+            return False
         try:
             connection = self._target.connection(
                 self._spool.routes[first[0][1].subscription].stream
             )
         except rex.RedisError:
             self._serial_next = True  # the one-at-a-time path retries, counts and logs
-            return
+            return True
         window = Window(self._spool, self._packer, self._sha, connection, self._window_wrote)
-        if window.run(first, batch[len(first) :], limit, WINDOW_MAX_CALLS, self._windowed):
-            return
+        if window.run(first, rest, limit, WINDOW_MAX_CALLS, self._windowed):
+            return True
         self._carry |= window.sent
         self._serial_next = True
         if window.error is not None:
             self._target.failed(window.error)
             self._record_error(window.error)
+        return True
 
     def _window_wrote(self, part: Batch, invalid: dict[int, str]) -> None:
         """A call of the window came back clean and its entries are committed."""
