@@ -228,7 +228,11 @@ def fleet_scenario(
         "{source}:{event}",
     )
     base = f"http://127.0.0.1:{port}"
-    result: dict[str, Any] = {"subscriptions": total, "frame_bytes": scale.frame_bytes}
+    result: dict[str, Any] = {
+        "subscriptions": total,
+        "frame_bytes": scale.frame_bytes,
+        "metrics_detail": "event",  # the default: the config sets no [metrics] detail
+    }
     proc = procs.spawn(
         "fleet-forwarder", [PYTHON, "-m", "forwarder", "run", "--config", str(config)]
     )

@@ -7,6 +7,7 @@ of issue 15 brings its own `bench.metrics_scale.measure`; this one only needs HT
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 import urllib.error
@@ -31,9 +32,14 @@ def measure_endpoints(base: str, runs: int = 3, timeout: float = 120.0) -> dict[
     try:
         metrics = [_get(f"{base}/metrics", timeout) for _ in range(runs)]
         body = metrics[-1][1]
-        out["metrics_series"] = sum(
-            1 for line in body.splitlines() if line and not line.startswith(b"#")
-        )
+        names = [
+            line.split(b"{", 1)[0].split(b" ", 1)[0].decode()
+            for line in body.splitlines()
+            if line and not line.startswith(b"#")
+        ]
+        out["metrics_series"] = len(names)
+        # Where the series come from: the five largest metric names.
+        out["metrics_largest"] = dict(collections.Counter(names).most_common(5))
         out["metrics_bytes"] = len(body)
         out["metrics_s_median"] = round(statistics.median(t for t, _ in metrics), 3)
         out["metrics_s_max"] = round(max(t for t, _ in metrics), 3)

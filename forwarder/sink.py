@@ -10,6 +10,9 @@ Counting: an entry is `forwarded` when Redis stored it for this process (now, or
 earlier attempt whose reply was lost). An entry the mark skips although this process never
 sent it was stored before a restart: it is counted as a replay, not forwarded again.
 
+When frames are spread over many streams, two calls go in flight on one connection
+(window.py): Redis runs one while this thread prepares the next.
+
 Frames that are not a JSON object or array go to the subscription's dead-letter stream with
 a reason, in the same batch; frames Redis refuses on their merits go there afterwards, with
 the error. Nothing is lost and order within each stream is kept.
@@ -45,12 +48,17 @@ from forwarder.script import (
 )
 from forwarder.spool import GAP, Batch, DiskSpool, Entry
 from forwarder.stats import SubscriptionStats, WriterStats
+from forwarder.window import Window, disjoint_run
 
 __all__ = ["IDLE_PING_SECONDS", "RedisWriter", "dead_letter_fields", "error_kind", "gap_fields"]
 
 log = logging.getLogger(__name__)
 
 IDLE_PING_SECONDS = 5.0
+# Two calls in flight (window.py) once at least 2 x this many entries wait, for at most this
+# many calls before the writer's loop turns again (idle pings, stop, pacing).
+WINDOW_MIN_ENTRIES = 32
+WINDOW_MAX_CALLS = 64
 CONFIG_ERROR_RETRY_SECONDS = 30.0
 CONFIG_ERROR_KINDS = ("noperm", "wrongtype")
 AUTH_RETRY_SECONDS = 5.0  # a password fixed in Redis (ACL SETUSER) is picked up this fast
@@ -165,6 +173,8 @@ class RedisWriter:
         # Offsets of the current batch already sent once: a skipped entry among them was
         # stored by one of our own attempts whose reply was lost, not by an earlier run.
         self._attempted: set[int] = set()
+        self._carry: set[int] = set()  # offsets a window sent without a clean reply
+        self._serial_next = False  # the last window ended unclean: one call at a time now
 
     def start(self) -> None:
         self._thread.start()
@@ -196,12 +206,20 @@ class RedisWriter:
                 self.progress += 1
                 # Once stopping, do not wait for more: exit as soon as the spool is empty.
                 timeout = 0.0 if self._stopping.is_set() else IDLE_PING_SECONDS
-                batch = self._spool.peek(self._pacer.limit, timeout)
+                limit = self._pacer.limit
+                windowed = self._windowed()
+                # A window looks a little past the batch for a run it may send second.
+                probe = max(WINDOW_MIN_ENTRIES, limit // 8) if windowed else 0
+                batch = self._spool.peek(limit + probe, timeout)
                 if not batch:
                     if self._stopping.is_set():
                         return
                     self._idle_ping()
                     continue
+                if windowed and len(batch) >= 2 * WINDOW_MIN_ENTRIES and self._window(batch, limit):
+                    continue
+                batch = batch[:limit]
+                self._serial_next = False
                 done = self._write(batch)
                 if done is None:
                     pending, _ = self._spool.pending()
@@ -215,6 +233,53 @@ class RedisWriter:
         except BaseException as exc:  # a bug: report it through /healthz and the exit code
             self.failed = exc
             log.exception("the Redis writer thread crashed")
+
+    def _windowed(self) -> bool:
+        """Whether the next batches may go two in flight (window.py says when that is safe)."""
+        return not (
+            self._serial_next
+            or self._target.cluster
+            or self._wait_command is not None
+            or self._wstats.config_error is not None
+            or self._stopping.is_set()
+            or not self._pacer.normal()
+        )
+
+    def _window(self, batch: Batch, limit: int) -> bool:
+        """Write from the head of `batch` (a peek of a little more than `limit`) with two
+        calls in flight; on anything but clean replies, the next turn writes one call at a
+        time. False: nothing could go second (one busy stream): write it the usual way."""
+        first, rest = batch[:limit], batch[limit:]
+        routes = self._spool.routes
+        if not rest:  # it all fits one call: halve it if the halves can go in parallel
+            half = (len(batch) + 1) // 2
+            first, rest = batch[:half], batch[half:]
+        if not disjoint_run(routes, first, rest, 1):
+            return False
+        try:
+            connection = self._target.connection(
+                self._spool.routes[first[0][1].subscription].stream
+            )
+        except rex.RedisError:
+            self._serial_next = True  # the one-at-a-time path retries, counts and logs
+            return True
+        window = Window(self._spool, self._packer, self._sha, connection, self._window_wrote)
+        if window.run(first, rest, limit, WINDOW_MAX_CALLS, self._windowed):
+            return True
+        self._carry |= window.sent
+        self._serial_next = True
+        if window.error is not None:
+            self._target.failed(window.error)
+            self._record_error(window.error)
+        return True
+
+    def _window_wrote(self, part: Batch, invalid: dict[int, str]) -> None:
+        """A call of the window came back clean and its entries are committed."""
+        self.progress += 1
+        self._wstats.last_ok_at = time.monotonic()
+        self._wstats.batches += 1
+        self._spool.writer_ok(True)
+        self._account([Segment(part, None, {}, invalid)])
 
     def _idle_ping(self) -> None:
         try:
@@ -232,7 +297,10 @@ class RedisWriter:
         """Write `batch` until Redis confirms all of it and count it; returns its length,
         or None if the shutdown deadline passed."""
         floor = batch[0][0]
-        self._attempted.clear()  # earlier batches are committed: never sent again
+        # Earlier batches are committed: never sent again. A window's calls whose replies
+        # were not clean may have been applied (window.py): those offsets count as sent.
+        self._carry = {offset for offset in self._carry if offset >= floor}
+        self._attempted = set(self._carry)
         segments: list[Segment] = []
         for group in self._packer.groups(batch, {}):  # one per hash slot on a cluster
             done = self._settle_all(group, {}, floor, "")

@@ -46,13 +46,13 @@ from forwarder.spool_core import Cached, SpoolStats
 from forwarder.spool_reader import ReaderMixin
 from forwarder.spool_records import (
     GAP,
+    RECORD_OVERHEAD,
     Batch,
     Entry,
     Route,
     encode,
     entry_size,
     pack,
-    record_size,
     scan,
 )
 from forwarder.spool_recovery import RecoveryMixin
@@ -280,11 +280,12 @@ class DiskSpool(ReaderMixin, RecoveryMixin):
                     # Remember where each record ends on disk, so that committing cached
                     # entries also moves the disk read position past them.
                     end = start
-                    for n, entry in enumerate(entries):
-                        body = bodies[n]
-                        size = record_size(body)
+                    offset = first
+                    for entry, body in zip(entries, bodies, strict=True):
+                        size = RECORD_OVERHEAD + len(body[0]) + len(body[1])  # record_size
                         end += size
-                        cache_append((first + n, entry, body[3], segment, end, size))
+                        cache_append((offset, entry, body[3], segment, end, size))
+                        offset += 1
                     self._cache_size += nbytes
                 else:
                     # From here on the writer reads these from disk, until it catches up.

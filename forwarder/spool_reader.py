@@ -61,11 +61,13 @@ class ReaderMixin(SpoolCore):
             if cached[-1][0] - base != len(cached) - 1:  # a hole: stop before it
                 take = next(i for i, c in enumerate(cached) if c[0] != base + i)
                 cached = cached[:take]
-            batch = [(c[0], c[1]) for c in cached]
+            # Columns by zip(), in C: this runs once per entry written.
+            offsets, entries, sizes, segments, ends, records = zip(*cached, strict=True)
+            batch = list(zip(offsets, entries, strict=True))
             self._peeked = batch
-            self._peeked_sizes = [c[2] for c in cached]
-            self._peeked_ends = [(c[3], c[4]) for c in cached]
-            self._peeked_records = [c[5] for c in cached]
+            self._peeked_sizes = list(sizes)
+            self._peeked_ends = list(zip(segments, ends, strict=True))
+            self._peeked_records = list(records)
             return batch, -1
 
     def _read_disk(self, max_entries: int, limit: int) -> Batch:

@@ -16,6 +16,8 @@ append hot path (two C-level crc32 calls and a join per frame).
 from __future__ import annotations
 
 import base64
+import collections
+import operator
 import struct
 import zlib
 from collections.abc import Sequence
@@ -38,6 +40,7 @@ BODY = struct.Struct("<dHH")  # received_at, opcode, key length
 OFFSET = struct.Struct("<Q")
 # Bytes a record adds to its prefix and payload: the head and the offset.
 RECORD_OVERHEAD = HEAD.size + OFFSET.size
+_ROUTE = operator.itemgetter(0)  # an Entry's route index
 
 
 class Entry(NamedTuple):
@@ -93,11 +96,15 @@ def encode(
     The prefix (time, opcode, route key) and its crc are computed once per distinct
     (route, opcode, time) in the chunk, not once per frame.
     """
-    prefixes: dict[tuple[int, int, float], tuple[bytes, int]] = {}
+    # route -> (opcode, received_at, prefix, its crc) of the route's last entry: the frames
+    # of one read share all three; with many routes (a fleet) most entries miss anyway, and
+    # a miss then costs no tuple key.
+    prefixes: dict[int, tuple[int, float, bytes, int]] = {}
     bodies: list[Body] = []
-    routes: dict[int, int] = {}
-    incoming = 0
+    append = bodies.append
+    incoming = RECORD_OVERHEAD * len(entries)
     crc32 = zlib.crc32
+    body_pack = BODY.pack
     for entry in entries:
         route, opcode, payload, received_at = entry
         if type(payload) is not bytes:
@@ -107,15 +114,18 @@ def encode(
             opcode |= OVERSIZED_FLAG
         else:
             size = len(payload)
-        cached = prefixes.get((route, opcode, received_at))
-        if cached is None:
+        cached = prefixes.get(route)
+        if cached is None or cached[1] != received_at or cached[0] != opcode:
             key = route_keys[route]
-            prefix = BODY.pack(received_at, opcode, len(key)) + key
-            cached = prefixes[route, opcode, received_at] = (prefix, crc32(prefix))
-        prefix, prefix_crc = cached
-        bodies.append((prefix, payload, crc32(payload, prefix_crc), size))
-        routes[route] = routes.get(route, 0) + 1
-        incoming += RECORD_OVERHEAD + len(prefix) + len(payload)
+            prefix = body_pack(received_at, opcode, len(key)) + key
+            prefix_crc = crc32(prefix)
+            prefixes[route] = (opcode, received_at, prefix, prefix_crc)
+        else:
+            prefix, prefix_crc = cached[2], cached[3]
+        append((prefix, payload, crc32(payload, prefix_crc), size))
+        incoming += len(prefix) + len(payload)
+    # Entries per route, counted in C.
+    routes = dict(collections.Counter(map(_ROUTE, entries)))
     return bodies, routes, incoming
 
 
