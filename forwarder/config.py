@@ -262,6 +262,10 @@ class ConsumersConfig:
     """The consumer-group monitor (consumers.py): stream and group metrics, retention "acked"."""
 
     interval: float = 10.0  # seconds for one round over every stream; 0 = off
+    # At most this many streams visited per second (0: no bound): with a stream per
+    # subscription at fleet scale, rounds then last longer than `interval` instead of
+    # costing the process more CPU the more streams there are.
+    streams_per_second: float = 250.0
 
 
 @dataclass(frozen=True)
@@ -596,6 +600,7 @@ def _parse_retention(t: _Table) -> str:
 
 def _parse_consumers(t: _Table, redis_cfg: RedisConfig) -> ConsumersConfig:
     interval = t.number("interval", ConsumersConfig.interval, minimum=0.0)
+    rate = t.number("streams_per_second", ConsumersConfig.streams_per_second, minimum=0.0)
     t.finish()
     if 0 < interval < 0.1:
         raise ConfigError(f"{t.key('interval')}: at least 0.1 seconds (0 turns the monitor off)")
@@ -604,7 +609,7 @@ def _parse_consumers(t: _Table, redis_cfg: RedisConfig) -> ConsumersConfig:
             f"{t.key('interval')} = 0 turns off the monitor that trims streams under "
             'redis.retention = "acked": set an interval, or use retention = "maxlen"'
         )
-    return ConsumersConfig(interval=interval)
+    return ConsumersConfig(interval=interval, streams_per_second=rate)
 
 
 def _parse_spool(t: _Table, environ: Mapping[str, str]) -> SpoolConfig:

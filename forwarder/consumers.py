@@ -155,6 +155,14 @@ def writer_busy(
     return busy
 
 
+def round_seconds(streams: int, interval: float, streams_per_second: float) -> float:
+    """How long one round over `streams` lasts: `interval`, or longer when visiting them all
+    in that time would exceed `streams_per_second` (0: no bound)."""
+    if streams_per_second <= 0:
+        return interval
+    return max(interval, streams / streams_per_second)
+
+
 class StreamMonitor:
     """Owns the "consumers" thread. `start()` returns at once; `stop()` then `join()`.
 
@@ -176,6 +184,8 @@ class StreamMonitor:
         self._client = client
         self._streams = streams
         self._interval = config.interval
+        self._rate = config.streams_per_second
+        self._round_length = config.interval  # of the current round: monitor thread only
         self._retention = retention
         self._busy = busy
         self._clock = clock
@@ -247,7 +257,7 @@ class StreamMonitor:
             while not self._stop.is_set():
                 started = self._clock()
                 self.run_round(paced=True)
-                if self._stop.wait(max(0.0, started + self._interval - self._clock())):
+                if self._stop.wait(max(0.0, started + self._round_length - self._clock())):
                     return
         except BaseException as exc:  # a bug: shown by /healthz and /readyz
             self.failed = exc
@@ -255,9 +265,11 @@ class StreamMonitor:
 
     def run_round(self, paced: bool = False) -> bool:
         """Visit every stream once; True if the round completed. `paced` spreads the chunks
-        over the interval (the thread); unpaced runs them back to back (tests)."""
+        over the round's length (`round_seconds`: the thread); unpaced runs them back to
+        back (tests)."""
         started = self._clock()
         streams = sorted(set(self._streams()))
+        self._round_length = round_seconds(len(streams), self._interval, self._rate)
         chunks = [streams[i : i + self._chunk] for i in range(0, len(streams), self._chunk)]
         reason = self._busy()  # before any Redis call: nothing competes with a failing writer
         if reason is not None:
@@ -268,7 +280,7 @@ class StreamMonitor:
             sha = str(self._client.script_load(TRIM if self._retention else OBSERVE))
         except rex.RedisError as exc:
             return self._failed(exc)
-        step = self._interval * SPREAD / max(1, len(chunks))
+        step = self._round_length * SPREAD / max(1, len(chunks))
         for i, chunk in enumerate(chunks):
             if paced and self._stop.wait(max(0.0, started + i * step - self._clock())):
                 return False

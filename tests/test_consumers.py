@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -15,7 +16,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from forwarder.config import ConsumersConfig
-from forwarder.consumers import ConsumerCollector, StreamMonitor, UnreadTrimTracker, writer_busy
+from forwarder.consumers import (
+    ConsumerCollector,
+    StreamMonitor,
+    UnreadTrimTracker,
+    round_seconds,
+    writer_busy,
+)
 from forwarder.daemon import Forwarder
 from forwarder.retention import Retention
 from forwarder.stats import WriterStats
@@ -402,3 +409,46 @@ def test_readyz_is_503_while_redis_refuses_retention_acked(
     wait_for(lambda: forwarder.stats[0].state.value == "connected", what="connected")
     limited_user(True)
     wait_for(lambda: http_get(forwarder, "/readyz")[0] == 200, what="ready again")
+
+
+# -- cost at fleet scale --------------------------------------------------------------------------
+
+
+def test_round_length_grows_with_the_streams_beyond_the_visit_rate() -> None:
+    """A round lasts `interval` until the streams exceed streams_per_second x interval."""
+    assert round_seconds(13, 10.0, 250.0) == 10.0
+    assert round_seconds(2_500, 10.0, 250.0) == 10.0
+    assert round_seconds(10_010, 10.0, 250.0) == pytest.approx(40.04)
+    assert round_seconds(10_010, 10.0, 0.0) == 10.0  # 0: no bound
+
+
+def test_the_monitor_thread_visits_no_more_streams_per_second_than_allowed(
+    redis_client: redis.Redis,
+) -> None:
+    """40 streams at 100 per second: the thread's rounds start 0.4 s apart, not `interval`."""
+    streams = [f"s{i}" for i in range(40)]
+    for stream in streams:
+        fill(redis_client, stream, 1)
+    calls: list[float] = []  # when each round asked for the streams (its start)
+
+    def listed() -> list[str]:
+        calls.append(time.monotonic())
+        return streams
+
+    monitor = StreamMonitor(
+        redis_client,
+        listed,
+        ConsumersConfig(interval=0.1, streams_per_second=100.0),
+        chunk=10,
+    )
+    monitor.start()
+    try:
+        wait_for(lambda: len(calls) >= 3, 10, "three rounds")
+    finally:
+        monitor.stop()
+        monitor.join(5)
+    assert monitor.failed is None
+    # Waits never end early, so each round starts 0.4 s after the one before, less the
+    # moment between a round's start and its listing (0.05 s is ample); unbounded: 0.1 s.
+    gaps = [b - a for a, b in itertools.pairwise(calls)]
+    assert min(gaps[:2]) >= 0.35
