@@ -293,10 +293,13 @@ def test_kill_9_mid_stream_then_restart_replays_the_spool_without_duplicates(
         wait_for(lambda: len(in_redis(own_redis)) > 300, 15, "traffic flowing")
         proc.kill()
         proc.wait(5)
+        # Until the simulator sees the dead socket close it keeps writing to it: those frames
+        # belong to the first connection (the kernel's share, lost), not to the second.
+        wait_for(lambda: open_connections(simulator) == 0, 10, "the old socket closed")
         first_connection = len(delivered(simulator))
         proc = run(config)
-        wait_for(lambda: open_connections(simulator) >= 1, 15, "reconnected")
-        pause(0.5)
+        # With nothing delivered to the new process the check below would be void.
+        wait_for(lambda: len(delivered(simulator)) > first_connection + 50, 15, "reconnected")
         traffic(simulator, 0.0)
         everything = delivered(simulator)
         second = everything[first_connection:]
