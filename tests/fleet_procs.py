@@ -15,8 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -29,28 +27,14 @@ import redis
 
 from forwarder_sim import Simulator, mint_token
 from forwarder_sim.payloads import seq_of
-
-_PAUSE = threading.Event()  # never set: an interruptible pause for polling loops
+from tests.helpers import free_port, wait_for
 
 Slot = tuple[str, str]  # (instance = source name, event)
 
 
 def poll(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll every 50 ms until `predicate()` is true; AssertionError after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        _PAUSE.wait(0.05)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """wait_for every 50 ms: the fleet's predicates ask several processes over HTTP."""
+    wait_for(predicate, timeout, what, every=0.05)
 
 
 @dataclass
@@ -130,7 +114,7 @@ class Fleet:
         tokens = self._tokens()
         events = ", ".join(f'"{e}"' for e in self.events)
         ttl = self.lease_ttl
-        port = _free_port()
+        port = free_port()
         parts = [
             f"shutdown_timeout = {self.shutdown_timeout}",
             "[spool]",

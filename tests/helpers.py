@@ -16,13 +16,15 @@ import redis
 _PAUSE = threading.Event()  # never set: an interruptible pause for polling loops
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    """Poll `predicate` every 20 ms until true; fail the test after `timeout` seconds."""
+def wait_for(
+    predicate: Callable[[], object], timeout: float = 10.0, what: str = "", every: float = 0.02
+) -> None:
+    """Poll `predicate` every `every` s until true; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        _PAUSE.wait(0.02)
+        _PAUSE.wait(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
