@@ -128,7 +128,17 @@ def test_drain_moves_everything_to_the_other_member(
     lets it take subscriptions again."""
     a = start_member("fw-a")
     b = start_member("fw-b")
-    wait_for(lambda: len(a.member.leases()) + len(b.member.leases()) == 4, 20, "all owned")
+    # Both with their share: while fw-b briefly holds all 4, fw-a would have nothing to hand
+    # over and the drain would return before fw-a has even seen it.
+    wait_for(
+        lambda: (
+            len(a.member.leases()) + len(b.member.leases()) == 4
+            and bool(a.member.leases())
+            and bool(b.member.leases())
+        ),
+        20,
+        "all owned, each member holding some",
+    )
     argv = ["fleet", "drain", "--config", str(config_path), "--member", "fw-a", "--wait", "20"]
     assert main(argv) == ExitCode.OK
     assert "fw-a owns no subscription any more" in capsys.readouterr().out

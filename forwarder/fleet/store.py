@@ -325,9 +325,15 @@ class RedisFleetStore:
         )
         names = [_text(name) for name, _ in ranked]
         records = self._client.mget([k.member(n) for n in names]) if names else []
+        # By name, not by last heartbeat: `fleet status` prints a table that stays put.
         members = tuple(
-            (name, int(score), MemberRecord.from_json(raw))
-            for name, (_, score), raw in zip(names, ranked, records, strict=True)
+            sorted(
+                (
+                    (name, int(score), MemberRecord.from_json(raw))
+                    for name, (_, score), raw in zip(names, ranked, records, strict=True)
+                ),
+                key=lambda member: member[0],
+            )
         )
         drain = {_text(n): int(v) for n, v in self._client.hgetall(k.drain).items()}
         lease_keys = sorted(
