@@ -69,7 +69,7 @@ test-floor: $(STAMP) redis-server
 	$(FLOOR_VENV)/bin/pip install --quiet --disable-pip-version-check -r $(FLOOR_VENV)/floor.txt \
 	  'pytest>=8,<10' 'pytest-timeout>=2.3,<3' 'hypothesis>=6.100,<7' 'trustme>=1.1,<2'
 	$(FLOOR_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
-	$(FLOOR_VENV)/bin/pip freeze | grep -i -E '^(redis|hiredis|websocket-client|prometheus.client|orjson|pyjwt)=='
+	$(FLOOR_VENV)/bin/pip freeze | grep -i -E '^(redis|hiredis|h11|prometheus.client|orjson|pyjwt)=='
 	$(FLOOR_VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS) $(FLOOR_TESTS)
 
 bench: $(STAMP) redis-server

@@ -96,9 +96,11 @@ class FleetCheck:
     lost: int = 0
     duplicated_or_reordered: int = 0
     latencies_ms: list[float] = field(default_factory=list)
+    sent_ms: list[float] = field(default_factory=list)  # parallel to latencies_ms
 
     def check(self, r: redis.Redis, sends: dict[str, list[list[float]]]) -> None:
         self.latencies_ms = []
+        self.sent_ms = []
         for start in range(0, len(self.streams), 500):
             chunk = self.streams[start : start + 500]
             pipe = r.pipeline(transaction=False)
@@ -123,6 +125,7 @@ class FleetCheck:
             if n < len(sends):
                 sent_ms = sends[n][0] * 1000.0
                 self.latencies_ms.append(int(entry_id.split(b"-")[0]) - sent_ms)
+                self.sent_ms.append(sent_ms)
         self.entries += len(entries)
         if entries:
             s.next_id = "(" + entries[-1][0].decode()
@@ -138,6 +141,21 @@ class FleetCheck:
 
 def _percentile(values: list[float], q: float) -> float:
     return round(values[min(len(values) - 1, int(q * len(values)))], 2) if values else -1.0
+
+
+def _slowest_seconds(sent_ms: list[float], latencies_ms: list[float]) -> list[list[float]]:
+    """The five seconds (from the phase's first send) whose frames waited longest:
+    [offset s, max ms, frames over 50 ms]. Stalls that recur every N seconds show here."""
+    if not sent_ms:
+        return []
+    first = min(sent_ms)
+    worst: dict[int, list[float]] = {}
+    for sent, latency in zip(sent_ms, latencies_ms, strict=True):
+        second = worst.setdefault(int((sent - first) / 1000.0), [0.0, 0.0])
+        second[0] = max(second[0], latency)
+        second[1] += latency > 50.0
+    top = sorted(worst.items(), key=lambda kv: -kv[1][0])[:5]
+    return [[float(k), round(v[0], 1), v[1]] for k, v in sorted(top)]
 
 
 def _xlen_sum(r: redis.Redis, keys: list[str]) -> int:
@@ -207,6 +225,7 @@ def _traffic(
         "p99_ms": _percentile(latencies, 0.99),
         "max_ms": round(latencies[-1], 2) if latencies else -1.0,
         "mean_ms": round(statistics.fmean(latencies), 2) if latencies else -1.0,
+        "slowest_seconds": _slowest_seconds(check.sent_ms, check.latencies_ms),
         "cpu_percent": cpu,
         **({"endpoints_under_traffic": endpoints} if scrape else {}),
     }

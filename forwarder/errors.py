@@ -1,6 +1,6 @@
 """Exceptions and exit codes of forwarder.
 
-Library exceptions (websocket-client, redis-py, OSError) are translated into these where they
+Library exceptions (h11, ssl, redis-py, OSError) are translated into these where they
 leave our wrapper code, with a message that never contains the token.
 
     ForwarderError

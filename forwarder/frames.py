@@ -1,7 +1,8 @@
 """Sans-I/O WebSocket framing (RFC 6455 section 5): server frames in, client frames out.
 
-websocket-client does the handshake; after it, an I/O loop reads the socket in large chunks
-and feeds them here. Doing the framing ourselves buys what the library lacks
+The handshake pool (handshake.py, upgrade.py) opens the connection; after it, an I/O loop
+reads the socket in large chunks and feeds them here. Doing the framing ourselves buys what
+websocket-client lacks
 (docs/library-notes.md section 1.4): a size limit enforced *before* a payload is buffered (an
 oversized frame is skipped while its head and a SHA-256 are kept), knowledge of whether we are
 in the middle of a frame (to detect a peer that stalls mid-frame), and speed (one `recv` of

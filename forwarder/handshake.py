@@ -1,13 +1,12 @@
-"""The WebSocket handshake: websocket-client in a small pool of threads.
+"""The WebSocket handshake, in a small pool of threads.
 
-websocket-client does what we do not want to write ourselves: TCP connect (and HTTP proxies),
-TLS with certificate checks, the upgrade request and the 101 check. It blocks while doing it,
-so handshakes run in a bounded pool of worker threads, never on an I/O loop: a slow or silent
-server holds a worker (at most `connect_timeout`), never the reading of other sockets. Every
-attempt first takes a token from the shared `AttemptLimiter`, so however many subscriptions
-want to connect at once (a start, an upstream restart), the upstream sees at most `rate`
-attempts per second. The connected socket goes back to the loop that asked; we never use
-websocket-client's reading side (see frames.py).
+A handshake is a TCP connect, TLS with certificate checks for wss://, and the upgrade
+request and its 101 (upgrade.py, sans-I/O, parsed by h11). It blocks, so handshakes run in a
+bounded pool of worker threads, never on an I/O loop: a slow or silent server holds a worker
+(at most `connect_timeout`), never the reading of other sockets. Every attempt first takes a
+token from the shared `AttemptLimiter`, so however many subscriptions want to connect at once
+(a start, an upstream restart), the upstream sees at most `rate` attempts per second. The
+connected socket, and the bytes read past the 101's headers, go back to the loop that asked.
 """
 
 from __future__ import annotations
@@ -18,77 +17,153 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
-from urllib.parse import quote
-
-import websocket
+from typing import Protocol
+from urllib.parse import quote, urlsplit
 
 from forwarder.backoff import AttemptLimiter
 from forwarder.config import Secret, Subscription, redact_url
 from forwarder.errors import ConfigError, ConnectFailed, HandshakeRejected
 from forwarder.tls import tls_context
 from forwarder.tokens import token_expiry
+from forwarder.upgrade import (
+    CLOSED_DURING_UPGRADE,
+    MAX_RESPONSE_HEAD,
+    Accepted,
+    ClientUpgrade,
+    Rejected,
+)
 
 log = logging.getLogger(__name__)
 
+# TLS 1.3 servers check the client certificate after our side of the handshake: a refusal
+# shows as the connection closing or being reset during the upgrade.
+_CLIENT_CERT_HINT = (
+    "; over TLS this is also how a server refuses a missing or untrusted client certificate "
+    "(client_cert)"
+)
+RECV_CHUNK = 4096  # bytes per read of the upgrade response (its headers are ~150 bytes)
+
 
 class Connection(Protocol):
-    """What we need of a websocket-client `WebSocket` after its handshake: the socket."""
+    """What a connector leaves after a handshake: the socket, and the bytes read past the
+    101's headers (the first frames), which the I/O loop reads before the socket."""
 
     sock: socket.socket | None
+    early: bytes
 
 
 Connector = Callable[[str, float], Connection]
+
+# websocket-client's defaults, kept when we took the handshake over: no Nagle delay for our
+# small control frames, and the kernel's keepalive as a second line behind our pings.
+SOCKET_OPTIONS = [
+    (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+]
+if hasattr(socket, "TCP_KEEPIDLE"):
+    SOCKET_OPTIONS += [
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 30),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 10),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3),
+    ]
+
+
+@dataclass(slots=True)
+class Upgraded:
+    """A connection whose upgrade succeeded (a `Connection`)."""
+
+    sock: socket.socket | None
+    early: bytes
+
+
+def _endpoint(url: str) -> tuple[str, int, str, str, bool]:
+    """(host, port, Host header, request target, TLS) of a ws:// or wss:// URL."""
+    parts = urlsplit(url)
+    secure = parts.scheme == "wss"
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ConnectFailed("the source's url is not a ws:// or wss:// URL with a host")
+    default = 443 if secure else 80
+    try:
+        port = parts.port or default
+    except ValueError:
+        raise ConnectFailed("the source's url has an invalid port") from None
+    host = parts.hostname
+    header = f"[{host}]" if ":" in host else host
+    if port != default:
+        header = f"{header}:{port}"
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return host, port, header, target, secure
+
+
+def _upgrade(url: str, timeout: float, ssl_context: ssl.SSLContext | None) -> Upgraded:
+    """TCP connect, TLS for wss://, the upgrade; `timeout` bounds each step and the whole.
+    Raises OSError and ssl errors as they come (websocket_connect translates them)."""
+    host, port, header, target, secure = _endpoint(url)
+    deadline = time.monotonic() + timeout
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        for level, option, value in SOCKET_OPTIONS:
+            sock.setsockopt(level, option, value)
+        if secure:
+            context = ssl_context or ssl.create_default_context()
+            sock = context.wrap_socket(sock, server_hostname=host)
+        upgrade = ClientUpgrade(header, target)
+        sock.sendall(upgrade.request)
+        for _ in range(MAX_RESPONSE_HEAD):  # each read brings at least one byte
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("timed out")
+            sock.settimeout(left)
+            outcome = upgrade.receive(sock.recv(RECV_CHUNK))
+            if isinstance(outcome, Accepted):
+                sock.settimeout(None)
+                return Upgraded(sock, outcome.early)
+            if isinstance(outcome, Rejected):
+                raise HandshakeRejected(outcome.status)
+        raise ConnectFailed("the server's answer to the upgrade never ended")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            sock.close()
+        raise
 
 
 def websocket_connect(
     url: str, timeout: float, *, ssl_context: ssl.SSLContext | None = None
 ) -> Connection:
-    """Open a WebSocket with websocket-client; translate its errors into ours.
+    """Open a WebSocket (TCP, TLS for wss://, the upgrade); translate errors into ours.
 
-    `ssl_context` is used for wss:// URLs (see `tls_context`); None means websocket-client's
-    default, which verifies against the system trust store. The messages of the errors we
-    raise never contain `url` (it holds the token).
+    `ssl_context` is used for wss:// URLs (see `tls_context`); None means the system trust
+    store with host name checks. Blocks at most about `timeout`. A redirect (3xx) is a
+    rejection like any other status: following it would hand the upgrade, token included, to
+    wherever the answer points. The messages of the errors we raise never contain `url` (it
+    holds the token).
     """
-    ws: Any = websocket.WebSocket(
-        skip_utf8_validation=True,
-        sslopt={"context": ssl_context} if ssl_context is not None else None,
-    )
     try:
-        # suppress_origin: the upstream does not check Origin and a browser-like header
-        # serves no purpose for a daemon.
-        ws.connect(url, timeout=timeout, suppress_origin=True)
-    except websocket.WebSocketBadStatusException as exc:
-        ws.shutdown()
-        raise HandshakeRejected(int(exc.status_code)) from None
+        return _upgrade(url, timeout, ssl_context)
+    except HandshakeRejected:
+        raise
+    except ConnectFailed as exc:
+        if str(exc) == CLOSED_DURING_UPGRADE and url.startswith("wss:"):
+            raise ConnectFailed(f"{exc}{_CLIENT_CERT_HINT}") from None
+        raise
     except ssl.SSLCertVerificationError as exc:
-        ws.shutdown()
         raise ConnectFailed(
             f"TLS: the server's certificate was refused ({exc.verify_message}): check the "
             "source's ca_file and that the host name in its url is one the certificate names"
         ) from None
     except ssl.SSLError as exc:
-        ws.shutdown()
         raise ConnectFailed(
             f"TLS handshake failed ({describe(exc)}); if the server requires a client "
             "certificate, set client_cert (and client_key)"
         ) from None
-    except websocket.WebSocketConnectionClosedException as exc:
-        ws.shutdown()
-        hint = ""
-        if url.startswith("wss:"):
-            # TLS 1.3 servers check the client certificate after our side of the handshake.
-            hint = (
-                "; over TLS this is also how a server refuses a missing or untrusted client "
-                "certificate (client_cert)"
-            )
+    except (ConnectionResetError, BrokenPipeError) as exc:
+        hint = _CLIENT_CERT_HINT if url.startswith("wss:") else ""
         raise ConnectFailed(describe(exc) + hint) from None
-    except (OSError, websocket.WebSocketException) as exc:
-        ws.shutdown()
+    except OSError as exc:
         raise ConnectFailed(describe(exc)) from None
-    return ws  # type: ignore[no-any-return]
 
 
 def describe(exc: BaseException) -> str:
@@ -110,6 +185,7 @@ class Handshake:
     sock: socket.socket | None
     error: ConfigError | HandshakeRejected | ConnectFailed | None
     token_expires_at: float | None  # the exp claim of the token used, None if unknown
+    early: bytes = b""  # read past the 101's headers: the first frames, read before the socket
 
 
 @dataclass(eq=False)
@@ -129,7 +205,7 @@ class HandshakePool:
 
     `submit` is thread-safe and never blocks. `stop()` drops queued jobs and wakes workers
     waiting for the limiter; a handshake in flight ends by itself within `connect_timeout`
-    (websocket-client offers no way to interrupt it) and its socket is then closed. `join()`
+    (a blocking socket read cannot be interrupted) and its socket is then closed. `join()`
     waits a bounded time: the workers are daemon threads, so one stuck in a slow handshake
     never holds up the exit.
     """
@@ -206,11 +282,11 @@ class HandshakePool:
                 conn = self._connect(url, sub.source.connect_timeout)
         except (HandshakeRejected, ConnectFailed) as exc:
             return Handshake(None, exc, exp)
-        sock, conn.sock = conn.sock, None  # ours from now on, not websocket-client's
+        sock, conn.sock = conn.sock, None  # ours from now on, not the connector's
         if sock is None:
             return Handshake(None, ConnectFailed("socket closed during the handshake"), exp)
         if self._stop.is_set():
             with contextlib.suppress(OSError):
                 sock.close()
             return Handshake(None, ConnectFailed("stopping"), exp)
-        return Handshake(sock, None, exp)
+        return Handshake(sock, None, exp, conn.early)

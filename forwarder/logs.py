@@ -63,12 +63,4 @@ def setup_logging(level: str, stream: TextIO | None = None) -> logging.Handler:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # websocket-client logs handshake details at DEBUG (and the request line when traced).
-    # websocket.enableTrace() adds its own stderr handler to this logger, which would bypass
-    # the filter above: a filter on the logger itself redacts every record it logs before any
-    # handler (including one added later) sees it.
-    ws_logger = logging.getLogger("websocket")
-    ws_logger.setLevel(max(logging.WARNING, root.level))
-    if not any(isinstance(f, RedactingFilter) for f in ws_logger.filters):
-        ws_logger.addFilter(RedactingFilter())
     return handler

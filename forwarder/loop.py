@@ -7,7 +7,7 @@ deadlines in one heap, and hands everything they produced in a turn to the spool
 No thread and no read buffer per subscription: a daemon with 10,000 subscriptions runs a few
 of these loops (one by default: they share the interpreter lock) and one handshake pool.
 
-TLS (wss://) goes through the same path: websocket-client's SSLSocket is switched to
+TLS (wss://) goes through the same path: the handshake's SSLSocket is switched to
 non-blocking mode; a read that needs more bytes raises SSLWantReadError (wait for readable),
 one that needs to write first raises SSLWantWriteError (wait for writable), and decrypted bytes
 already inside OpenSSL (`pending()`) are read without waiting for the selector. The polite
@@ -74,14 +74,17 @@ class _Sub:
 
 
 class _Sock:
-    __slots__ = ("events", "link_id", "out", "sock", "sub", "tls")
+    __slots__ = ("early", "events", "link_id", "out", "sock", "sub", "tls")
 
-    def __init__(self, sock: socket.socket, sub: _Sub, link_id: int) -> None:
+    def __init__(self, sock: socket.socket, sub: _Sub, link_id: int, early: bytes = b"") -> None:
         self.sock = sock
         self.sub = sub
         self.link_id = link_id
         self.tls = isinstance(sock, ssl.SSLSocket)
         self.out = b""  # control frames the kernel did not take yet
+        # Read past the upgrade's headers by the handshake: the connection's first bytes,
+        # given to the rules before anything from the socket, once they listen.
+        self.early = early
         self.events = 0  # what the selector watches (0: not registered)
 
     def watch(self, selector: selectors.BaseSelector, events: int) -> None:
@@ -250,6 +253,10 @@ class IOLoop:
         sub = state.sub
         rules = sub.rules
         sock = state.sock
+        if state.early:  # the handshake's leftover first; the selector reports the rest
+            data, state.early = state.early, b""
+            self._received(state, data)
+            return
         try:
             n = sock.recv_into(self._buf)
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
@@ -263,8 +270,14 @@ class IOLoop:
         if not n:
             self._input(sub, rules.transport_lost, state.link_id, EOF)
             return
+        self._received(state, bytes(self._view[:n]))
+
+    def _received(self, state: _Sock, data: bytes) -> None:
+        sub = state.sub
+        rules = sub.rules
+        sock = state.sock
         try:
-            rules.received(state.link_id, bytes(self._view[:n]))
+            rules.received(state.link_id, data)
         except Exception as exc:
             self._crashed(sub, exc)
             return
@@ -387,7 +400,7 @@ class IOLoop:
             self._input(sub, rules.handshake_failed, link_id, result.error, result.token_expires_at)
             return
         sock.setblocking(False)
-        state = _Sock(sock, sub, link_id)
+        state = _Sock(sock, sub, link_id, result.early)
         self._socks[link_id] = state
         sub.links.add(link_id)
         self._input(sub, rules.handshake_succeeded, link_id, result.token_expires_at)
@@ -399,7 +412,7 @@ class IOLoop:
         state.watch(
             self._selector, selectors.EVENT_READ | (selectors.EVENT_WRITE * bool(state.out))
         )
-        if state.tls and state.sock.pending():  # type: ignore[attr-defined]
+        if state.early or (state.tls and state.sock.pending()):  # type: ignore[attr-defined]
             self._again.append(state)
 
     def _send(self, link_id: int, data: bytes) -> None:

@@ -2,7 +2,7 @@
 
 Python's default for SIGTERM and SIGHUP is to kill the process (exit -15, -1), and SIGINT
 raises KeyboardInterrupt wherever the main thread happens to be. Starting takes a noticeable
-time (importing redis-py, websocket-client and prometheus-client, reading the configuration,
+time (importing redis-py, h11 and prometheus-client, reading the configuration,
 opening the spool), and `systemctl stop` or `reload` can come at any moment of it. So
 `forwarder run` installs these handlers as its first action, before any of that, and
 `Forwarder.run()` takes over what they recorded when it installs its own:

@@ -1,11 +1,12 @@
-"""The handshake pool: the limiter's pace, slow handshakes, errors, stopping; token claims."""
+"""The handshake pool (the limiter's pace, slow handshakes, errors, stopping, token claims) and
+the connector over real sockets (early frames, redirects, silence)."""
 
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,18 +20,21 @@ from forwarder.handshake import (
     HandshakeJob,
     HandshakePool,
     subscription_url,
+    websocket_connect,
 )
-from forwarder_sim import mint_token
+from forwarder.upgrade import accept_value
+from forwarder_sim import encode_frame, mint_token
 from tests.helpers import wait_for
 
 SECRET = "unit-secret"
 
 
 class FakeConn:
-    """What websocket-client leaves after a handshake: an object holding the socket."""
+    """What a connector leaves after a handshake: the socket and the bytes read past the 101."""
 
-    def __init__(self, sock: socket.socket | None) -> None:
+    def __init__(self, sock: socket.socket | None, early: bytes = b"") -> None:
         self.sock = sock
+        self.early = early
 
 
 def subscription(token: TokenRef | None = None, event: str = "messages.upsert") -> Subscription:
@@ -196,3 +200,95 @@ def test_subscription_url_quotes_event_and_token() -> None:
     assert subscription_url(sub, Secret("a.b+c")) == (
         "ws://127.0.0.1:9/ws/events?event=messages.upsert&token=a.b%2Bc"
     )
+
+
+class RawServer:
+    """A TCP server on loopback that reads one upgrade request per connection and answers
+    with `reply(request)` in one write (None: say nothing)."""
+
+    def __init__(self, reply: Callable[[bytes], bytes | None]) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.accepted = 0
+        self._reply = reply
+        self._conns: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self._conns.append(conn)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                request += chunk
+            answer = self._reply(request)
+            if answer is not None:
+                conn.sendall(answer)
+
+    def close(self) -> None:
+        self._listener.close()
+        for conn in self._conns:
+            conn.close()
+
+
+def _accept_for(request: bytes) -> bytes:
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in request.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    )
+    return accept_value(key)
+
+
+def test_frames_sent_with_the_101_come_back_as_early_bytes() -> None:
+    """A server that sends its first frame in the same segment as the 101: the frame is
+    returned with the socket, not lost with the read that took the headers."""
+    frame = encode_frame(b'{"n":1}')
+
+    def reply(request: bytes) -> bytes:
+        return (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + _accept_for(request) + b"\r\n\r\n" + frame
+        )
+
+    server = RawServer(reply)
+    try:
+        conn = websocket_connect(f"ws://127.0.0.1:{server.port}/ws/events?event=e&token=t", 5.0)
+        assert conn.early == frame
+        assert conn.sock is not None
+        assert conn.sock.gettimeout() is None  # blocking, for the loop to switch
+        conn.sock.close()
+    finally:
+        server.close()
+
+
+def test_a_redirect_is_a_rejection_and_is_not_followed() -> None:
+    """302 with a Location: HandshakeRejected(302), and no second connection anywhere."""
+    server = RawServer(lambda _: b"HTTP/1.1 302 Found\r\nLocation: ws://127.0.0.1:9/\r\n\r\n")
+    try:
+        with pytest.raises(HandshakeRejected) as info:
+            websocket_connect(f"ws://127.0.0.1:{server.port}/ws/events?event=e&token=t", 5.0)
+        assert info.value.status == 302
+        assert server.accepted == 1
+    finally:
+        server.close()
+
+
+def test_a_server_that_never_answers_times_out_within_the_connect_timeout() -> None:
+    """TCP accepted, the upgrade never answered: ConnectFailed after the timeout, no hang."""
+    server = RawServer(lambda _: None)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectFailed, match="timed out"):
+            websocket_connect(f"ws://127.0.0.1:{server.port}/ws/events?event=e&token=t", 0.3)
+        assert time.monotonic() - started < 5.0
+    finally:
+        server.close()

@@ -24,7 +24,7 @@ def test_handler_redacts_messages_args_and_tracebacks() -> None:
     """Whatever a library logs, the formatted output holds no token."""
     out = io.StringIO()
     setup_logging("DEBUG", out)
-    logging.getLogger("websocket").warning("url %s", f"ws://h/ws/events?token={TOKEN}")
+    logging.getLogger("some.library").warning("url %s", f"ws://h/ws/events?token={TOKEN}")
     try:
         raise ValueError(f"failed for {TOKEN}")
     except ValueError:

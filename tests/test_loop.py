@@ -64,8 +64,9 @@ class ListSpool:
 
 
 class FakeConn:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, early: bytes = b"") -> None:
         self.sock: socket.socket | None = sock
+        self.early = early
 
 
 class Servers:
@@ -76,6 +77,7 @@ class Servers:
         self.by_event: dict[str, list[socket.socket]] = {}
         self.made: list[socket.socket] = []
         self.hold: dict[str, threading.Event] = {}  # events whose handshakes wait for a set()
+        self.early: dict[str, bytes] = {}  # bytes the handshake read past the 101, by event
 
     def connect(self, url: str, timeout: float) -> Connection:
         event = url.split("event=")[1].split("&", maxsplit=1)[0]
@@ -87,7 +89,7 @@ class Servers:
         with self.lock:
             self.made += [client, server]
             self.by_event.setdefault(event, []).append(server)
-        return FakeConn(client)
+        return FakeConn(client, self.early.get(event, b""))
 
     def server(self, event: str, n: int = 0) -> socket.socket:
         wait_for(lambda: len(self.by_event.get(event, [])) > n, 5.0, f"connection {n} of {event}")
@@ -222,6 +224,20 @@ def test_many_subscriptions_on_one_loop_get_every_frame_in_order(
     for index in range(40):
         assert rig.spool.frames(index) == list(range(300))
     assert all(r.stats.state is State.CONNECTED for r in rig.rules)
+
+
+def test_the_frames_read_with_the_upgrade_come_first_and_in_order(
+    rig: Rig, servers: Servers
+) -> None:
+    """Frames that arrived in the same read as the 101 (the handshake read past its headers)
+    are spooled before what the socket brings next, the first one cut in two between them."""
+    first = b"".join(encode_frame(text(n)) for n in range(5))
+    servers.early["messages.upsert"] = first[:-3]
+    rig.add("messages.upsert")
+    server = servers.server("messages.upsert")
+    server.sendall(first[-3:] + b"".join(encode_frame(text(n)) for n in range(5, 10)))
+    wait_for(lambda: len(rig.spool.entries) == 10, 5.0, "every frame")
+    assert rig.spool.frames(0) == list(range(10))
 
 
 def test_frames_before_a_violation_are_spooled_and_the_client_closes_with_1002(
