@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,9 +36,32 @@ _CLOSE = int(Opcode.CLOSE)
 _new_entry = tuple.__new__
 
 
+MASK_POOL_BYTES = 4096  # masks drawn from the OS at a time: 1,024 of them
+
+
+class _MaskPool(threading.local):
+    """Per thread (each I/O loop has its own): bytes from os.urandom not handed out yet."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.pos = 0
+
+
+_masks = _MaskPool()
+
+
 def random_mask() -> bytes:
-    """A fresh masking key per client frame (RFC 6455 5.3)."""
-    return os.urandom(4)
+    """A fresh, unpredictable masking key per client frame (RFC 6455 5.3). Thread-safe.
+
+    Drawn from os.urandom 4 KiB at a time: at 10,000 idle subscriptions the keepalive writes
+    500 pings a second, and a getrandom system call for each was a tenth of their cost."""
+    pool = _masks
+    pos = pool.pos
+    if pos + 4 > len(pool.data):
+        pool.data = os.urandom(MASK_POOL_BYTES)
+        pos = 0
+    pool.pos = pos + 4
+    return pool.data[pos : pos + 4]
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import threading
 import uuid
 from typing import Any, cast
 
@@ -27,7 +28,7 @@ from forwarder.displacement import EVIDENCE_FRAMES, evidence_window
 from forwarder.errors import ConfigError, ConnectFailed, HandshakeRejected
 from forwarder.frames import Opcode
 from forwarder.gaps import Outbox
-from forwarder.link import CLOSE_ECHO_TIMEOUT
+from forwarder.link import CLOSE_ECHO_TIMEOUT, MASK_POOL_BYTES, random_mask
 from forwarder.sink import dead_letter_fields
 from forwarder.spool import GAP, Entry, Route
 from forwarder.stats import State, SubscriptionStats
@@ -929,3 +930,18 @@ def test_backoff_policy_defaults_are_what_the_tests_assume() -> None:
     """The delays asserted above are the documented defaults of [sources.backoff]."""
     assert Backoff() == Backoff(initial=0.5, maximum=30.0, auth_initial=5.0, auth_maximum=300.0)
     assert Backoff().stable_after == 30.0
+
+
+def test_masking_keys_are_fresh_per_frame_across_refills_and_threads() -> None:
+    """Every client frame gets a new 4-byte key, also past the pool's refill, and two loop
+    threads never share a pool (the keys come from os.urandom in 4 KiB draws)."""
+    count = 3 * MASK_POOL_BYTES // 4  # three refills
+    keys = [random_mask() for _ in range(count)]
+    assert all(len(k) == 4 for k in keys)
+    assert len(set(keys)) >= count - 2  # 2^32 keys: a repeat or two at most by chance
+    other: list[bytes] = []
+    thread = threading.Thread(target=lambda: other.extend(random_mask() for _ in range(200)))
+    thread.start()
+    thread.join(10.0)
+    assert len(other) == 200
+    assert len(set(other) & set(keys)) <= 2
