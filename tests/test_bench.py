@@ -1,4 +1,4 @@
-"""Smoke test of the benchmark suite: `python -m bench.run --quick` works end to end.
+"""Smoke tests of the benchmarks: `python -m bench.run --quick` and `bench.handshakes` work.
 
 It checks that every scenario produces sane numbers and that no frame was lost, duplicated
 or reordered on the way to Redis; it does not judge speed (that is `make bench`).
@@ -94,3 +94,19 @@ def test_no_frame_lost_duplicated_or_reordered(results: dict[str, Any]) -> None:
     assert verification["dead_lettered"] == 0
     clients = {check["client"].split("-")[0] for check in verification["checks"]}
     assert clients == {"forwarder", "baseline", "ceiling"}
+
+
+def test_the_handshake_benchmark_opens_every_connection_it_counts() -> None:
+    """`python -m bench.handshakes` at a tiny scale: 2 threads x 3 handshakes, all opened."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.handshakes", "--threads", "2", "--count", "3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    result = json.loads(done.stdout)
+    assert result["handshakes"] == 6
+    assert result["per_second"] > 0
+    assert all(math.isfinite(result[k]) and result[k] >= 0 for k in ("user_ms", "system_ms"))
