@@ -79,7 +79,7 @@ class Upgraded:
     early: bytes
 
 
-def _endpoint(url: str) -> tuple[str, int, str, str, bool]:
+def ws_endpoint(url: str) -> tuple[str, int, str, str, bool]:
     """(host, port, Host header, request target, TLS) of a ws:// or wss:// URL."""
     parts = urlsplit(url)
     secure = parts.scheme == "wss"
@@ -101,7 +101,7 @@ def _endpoint(url: str) -> tuple[str, int, str, str, bool]:
 def _upgrade(url: str, timeout: float, ssl_context: ssl.SSLContext | None) -> Upgraded:
     """TCP connect, TLS for wss://, the upgrade; `timeout` bounds each step and the whole.
     Raises OSError and ssl errors as they come (websocket_connect translates them)."""
-    host, port, header, target, secure = _endpoint(url)
+    host, port, header, target, secure = ws_endpoint(url)
     deadline = time.monotonic() + timeout
     sock = socket.create_connection((host, port), timeout=timeout)
     try:

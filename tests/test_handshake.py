@@ -19,6 +19,7 @@ from forwarder.handshake import (
     Handshake,
     HandshakeJob,
     HandshakePool,
+    ws_endpoint,
     subscription_url,
     websocket_connect,
 )
@@ -292,3 +293,31 @@ def test_a_server_that_never_answers_times_out_within_the_connect_timeout() -> N
         assert time.monotonic() - started < 5.0
     finally:
         server.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("ws://h/ws/events?event=e&token=t", ("h", 80, "h", "/ws/events?event=e&token=t", False)),
+        ("wss://H.example:443/p?x=1", ("h.example", 443, "h.example", "/p?x=1", True)),
+        (
+            "ws://127.0.0.1:8084/ws/events",
+            ("127.0.0.1", 8084, "127.0.0.1:8084", "/ws/events", False),
+        ),
+        ("wss://[::1]:8443/ws", ("::1", 8443, "[::1]:8443", "/ws", True)),
+        ("ws://[fe80::1]?event=e", ("fe80::1", 80, "[fe80::1]", "/?event=e", False)),
+    ],
+)
+def test_the_url_gives_host_port_host_header_and_target(
+    url: str, expected: tuple[str, int, str, str, bool]
+) -> None:
+    """Default ports stay out of the Host header, IPv6 literals keep their brackets there."""
+    assert ws_endpoint(url) == expected
+
+
+@pytest.mark.parametrize("url", ["http://h/ws", "ws:///ws", "ws://h:99999/ws"])
+def test_a_url_that_cannot_be_connected_to_fails_without_echoing_it(url: str) -> None:
+    """Not ws(s), no host, an impossible port: ConnectFailed, the URL (token) not in it."""
+    with pytest.raises(ConnectFailed) as info:
+        ws_endpoint(url + "?token=SECRET")
+    assert "SECRET" not in str(info.value)
