@@ -19,9 +19,9 @@ from forwarder.handshake import (
     Handshake,
     HandshakeJob,
     HandshakePool,
-    ws_endpoint,
     subscription_url,
     websocket_connect,
+    ws_endpoint,
 )
 from forwarder.upgrade import accept_value
 from forwarder_sim import encode_frame, mint_token
