@@ -98,6 +98,14 @@ def ws_endpoint(url: str) -> tuple[str, int, str, str, bool]:
     return host, port, header, target, secure
 
 
+def _left(deadline: float) -> float:
+    """Seconds left until `deadline` (monotonic), for the next blocking step."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
 def _upgrade(url: str, timeout: float, ssl_context: ssl.SSLContext | None) -> Upgraded:
     """TCP connect, TLS for wss://, the upgrade; `timeout` bounds each step and the whole.
     Raises OSError and ssl errors as they come (websocket_connect translates them)."""
@@ -109,14 +117,13 @@ def _upgrade(url: str, timeout: float, ssl_context: ssl.SSLContext | None) -> Up
             sock.setsockopt(level, option, value)
         if secure:
             context = ssl_context or ssl.create_default_context()
+            sock.settimeout(_left(deadline))
             sock = context.wrap_socket(sock, server_hostname=host)
         upgrade = ClientUpgrade(header, target)
+        sock.settimeout(_left(deadline))
         sock.sendall(upgrade.request)
         for _ in range(MAX_RESPONSE_HEAD):  # each read brings at least one byte
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out")
-            sock.settimeout(left)
+            sock.settimeout(_left(deadline))
             outcome = upgrade.receive(sock.recv(RECV_CHUNK))
             if isinstance(outcome, Accepted):
                 sock.settimeout(None)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import h11
 
+from forwarder.config import redact_url
 from forwarder.errors import ConnectFailed
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 1.3
@@ -94,8 +95,10 @@ class ClientUpgrade:
         except h11.RemoteProtocolError as exc:
             if not data:  # h11's view of an EOF in the middle of the answer
                 raise ConnectFailed(CLOSED_DURING_UPGRADE) from None
-            # h11's messages name the part that is wrong, never our request's target.
-            raise ConnectFailed(f"the server's answer to the upgrade is not HTTP: {exc}") from None
+            # h11 quotes what it could not parse: a server that echoes our request would put
+            # the token into the message.
+            text = redact_url(str(exc))[:200]
+            raise ConnectFailed(f"the server's answer to the upgrade is not HTTP: {text}") from None
 
     def _check(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         found: dict[bytes, bytes] = {}

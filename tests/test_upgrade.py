@@ -103,12 +103,14 @@ def test_a_100_continue_before_the_answer_is_skipped() -> None:
             "without upgrading to WebSocket",
         ),
         (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "is not HTTP"),
+        (f"GET {TARGET} HTTP/1.1\r\nHost: h\r\n\r\n".encode(), "is not HTTP"),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(40), "is not HTTP"),
     ],
 )
 def test_answers_that_are_no_websocket_upgrade_fail_clearly(data: bytes, message: str) -> None:
     """A 101 that is not a WebSocket upgrade, or no HTTP at all (another protocol, TLS on a
-    ws:// URL): ConnectFailed naming what is wrong, never the request target (the token)."""
+    ws:// URL, our own request echoed back): ConnectFailed naming what is wrong, never the
+    token."""
     with pytest.raises(ConnectFailed, match=message) as info:
         ClientUpgrade("h", TARGET, KEY).receive(data)
     assert "SECRET-TOKEN" not in str(info.value)
