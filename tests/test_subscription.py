@@ -306,6 +306,30 @@ def test_a_silent_connection_is_pinged_and_dropped_when_no_byte_answers() -> Non
     assert gap["end"] == ms(h.clock.now)
 
 
+@pytest.mark.parametrize("interval_ms", [20_000, 2_000])
+def test_keepalive_pings_are_due_on_a_grid_so_idle_connections_ping_together(
+    interval_ms: int,
+) -> None:
+    """Connections silent since 0.3 and 0.9 grid steps past a grid line both ping on the next
+    grid line after ping_interval (a step is ping_interval / 20), never earlier, at most one
+    step late: thousands of idle connections ping in a few loop turns, not one turn each."""
+    step = interval_ms // 20
+    pinged_at = []
+    for offset in (3 * step // 10, 9 * step // 10):
+        h = Harness(source(ping_interval=interval_ms / 1000.0))
+        h.advance(offset)
+        h.start()
+        link = h.accept()
+        h.advance(interval_ms - 1)
+        assert h.sent(link) == [], "pinged before ping_interval of silence"
+        h.advance(step - offset)
+        assert h.sent(link) == [], "pinged off the grid"
+        h.advance(1)
+        assert h.sent(link) == [(Opcode.PING, b"")]
+        pinged_at.append(h.clock.ms)
+    assert pinged_at == [interval_ms + step, interval_ms + step]
+
+
 def test_a_frame_that_does_not_finish_within_read_timeout_fails_even_while_bytes_trickle() -> None:
     """A frame announcing 1,000 bytes, then 10 bytes every 5 s: the connection is failed 30 s
     after the frame began, though bytes keep arriving (the ping never fires)."""
