@@ -41,18 +41,19 @@ NATIVE_ACKED_SINCE = (8, 2)  # XTRIM/XADD ... ACKED | KEEPREF | DELREF
 # and the entries the ceiling step may have to count for a group whose lag Redis overstates.
 TRIM_LIMIT = 50_000
 
-# KEYS[1] stream. ARGV: maxlen (0: none), native ACKED (1/0), scan (lag), limit.
-# Returns {acked, ceiling, plain, {group, unread, ...}, facts-after}.
+# KEYS: the streams. ARGV: maxlen (0: none), native ACKED (1/0), scan (lag), limit.
+# Returns per key, in KEYS' order, {acked, ceiling, plain, {group, unread, ...}, facts-after}
+# (one call per chunk of streams, as streaminfo.OBSERVE).
 # allow-oom: trimming frees memory, which is what a full Redis needs.
 TRIM = (
     "#!lua flags=allow-oom\n"
     + LUA_LIBRARY
     + r"""
-local key = KEYS[1]
 local maxlen = tonumber(ARGV[1])
 local native = ARGV[2] == '1'
 local scan = tonumber(ARGV[3])
 local limit = ARGV[4]
+local function trim(key)
 local f = facts(key, scan)
 if f[1] ~= 1 then return {0, 0, 0, {}, f} end
 local groups = f[7]
@@ -109,6 +110,10 @@ if maxlen > 0 and redis.call('XLEN', key) > maxlen then
   end
 end
 return {acked, ceiling, plain, lost, facts(key, scan)}
+end
+local out = {}
+for i, key in ipairs(KEYS) do out[i] = trim(key) end
+return out
 """
 )
 
