@@ -6,6 +6,7 @@ or reordered on the way to Redis; it does not judge speed (that is `make bench`)
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import subprocess
@@ -110,3 +111,24 @@ def test_the_handshake_benchmark_opens_every_connection_it_counts() -> None:
     assert result["handshakes"] == 6
     assert result["per_second"] > 0
     assert all(math.isfinite(result[k]) and result[k] >= 0 for k in ("user_ms", "system_ms"))
+
+
+def test_the_generator_pauses_the_garbage_collector_only_while_it_paces() -> None:
+    """A paced phase runs with the cyclic collector off (its pauses would count as forward
+    latency) and leaves it as it found it, also when the phase fails."""
+    from bench.generator import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("a phase that fails")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # someone else's choice stays
+    finally:
+        gc.enable()
