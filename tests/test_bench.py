@@ -113,9 +113,12 @@ def test_the_handshake_benchmark_opens_every_connection_it_counts() -> None:
     assert all(math.isfinite(result[k]) and result[k] >= 0 for k in ("user_ms", "system_ms"))
 
 
-def test_the_generator_pauses_the_garbage_collector_only_while_it_paces() -> None:
+def test_the_generator_pauses_the_garbage_collector_only_while_it_paces(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A paced phase runs with the cyclic collector off (its pauses would count as forward
     latency) and leaves it as it found it, also when the phase fails."""
+    monkeypatch.syspath_prepend(str(ROOT))  # bench/ is run from the checkout, not installed
     from bench.generator import collector_paused
 
     assert gc.isenabled()
